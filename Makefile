@@ -1,0 +1,32 @@
+# lmforge: `make quickstart` installs and runs the quickstart; `make test` installs the test
+# dependencies and runs the whole suite. Both work on a machine that only has Python 3.10+.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of PyTorch; for a CUDA build: make quickstart TORCH="torch --index-url https://download.pytorch.org/whl/cu126"
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install install-test quickstart test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, and only when it is missing, so that pip never pulls a CUDA build by itself
+install: $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH)
+	$(BIN)/python -m pip install -q -e .
+
+install-test: install
+	$(BIN)/python -m pip install -q -e '.[test]'
+
+quickstart: install
+	$(BIN)/lmforge quickstart
+
+test: install-test
+	$(BIN)/python -m pytest
+
+lint: install-test
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info .pytest_cache

@@ -1,0 +1,274 @@
+"""Configuration dataclasses and named model presets.
+
+Every option lives once, in a dataclass field with a ``help`` string; :mod:`lmforge.options` turns
+the same fields into YAML keys and command-line flags. Presets are small YAML files in
+``lmforge/presets/`` (one per model), never a Python dict of model names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import ConfigError
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field carrying its command-line help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, not {value!r}")
+
+
+def _check_positive(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, not {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only transformer; covers GPT-2 and Llama."""
+
+    preset: str | None = option(None, "named preset ('lmforge presets') or a preset YAML file to start from")
+    family: str = option("decoder", "model family")
+    vocab_size: int | None = option(None, "vocabulary size (default: the tokenizer's)")
+    block_size: int = option(256, "context length in tokens")
+    n_layer: int = option(4, "number of transformer blocks")
+    n_head: int = option(4, "number of attention (query) heads")
+    n_kv_head: int | None = option(None, "key/value heads for grouped-query attention (default: n_head)")
+    n_embd: int = option(128, "model width")
+    intermediate_size: int | None = option(None, "MLP hidden width (default: 4*n_embd; ~8/3*n_embd for swiglu)")
+    norm: str = option("layernorm", "normalisation: layernorm or rmsnorm")
+    norm_eps: float = option(1e-5, "epsilon of the normalisation layers")
+    mlp: str = option("gelu", "MLP kind: gelu (exact), gelu_tanh (original GPT-2) or swiglu (Llama)")
+    position: str = option("learned", "positions: learned (GPT-2) or rope (Llama)")
+    rope_theta: float = option(10000.0, "RoPE base frequency")
+    bias: bool = option(True, "biases in linear and norm layers")
+    tie_embeddings: bool = option(True, "share the token embedding with the output head")
+    dropout: float = option(0.0, "dropout probability during training")
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.intermediate_size is None:
+            if self.mlp == "swiglu":
+                self.intermediate_size = _round_up(int(8 * self.n_embd / 3), 64)
+            else:
+                self.intermediate_size = 4 * self.n_embd
+
+    def validate(self) -> None:
+        _check_choice("model.family", self.family, ("decoder",))
+        _check_choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
+        _check_choice("model.mlp", self.mlp, ("gelu", "gelu_tanh", "swiglu"))
+        _check_choice("model.position", self.position, ("learned", "rope"))
+        for name in ("block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
+            _check_positive(f"model.{name}", getattr(self, name))
+        _check_positive("model.vocab_size", self.vocab_size, allow_none=True)
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ConfigError(f"RoPE needs an even head size, got {self.head_dim} (n_embd / n_head)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), not {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | str | None) -> ModelConfig:
+        """Build from a preset name (``"gpt2-baby"``) or a mapping whose optional ``preset`` key
+        supplies the starting values and whose other keys override them."""
+        from lmforge.options import build_dataclass
+
+        if isinstance(values, str):
+            values = {"preset": values}
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"model must be a preset name or a mapping of options, not {values!r}")
+        values = dict(values or {})
+        merged: dict[str, Any] = {}
+        if values.get("preset"):
+            merged.update(load_preset(str(values["preset"])))
+            merged.pop("preset", None)
+        merged.update(values)
+        return build_dataclass(cls, merged, prefix="model")
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, budgets, evaluation and checkpointing of the one training loop."""
+
+    optimizer: str = option("adamw", "adamw, sgd or adagrad")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr: float | None = option(None, "final learning rate of the decay (default: lr / 10)")
+    schedule: str = option("cosine", "learning-rate decay after warm-up: cosine, linear or constant")
+    warmup_steps: int = option(100, "linear warm-up steps")
+    decay_steps: int | None = option(None, "steps over which the rate decays to min_lr (default: max_steps)")
+    weight_decay: float = option(0.1, "weight decay of 2-D weights (matrices, embeddings); never norms or biases")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    momentum: float = option(0.9, "SGD momentum")
+    grad_clip: float = option(1.0, "clip the gradient norm to this value (0 disables)")
+    batch_size: int = option(12, "sequences per micro-batch on each process")
+    grad_accum: int = option(1, "micro-batches accumulated per optimiser step")
+    max_steps: int | None = option(2000, "stop after this many optimiser steps")
+    max_time: float | None = option(None, "stop after this many seconds of training")
+    eval_interval: int = option(250, "evaluate every this many steps (0: only at the end)")
+    eval_windows: int | None = option(200, "windows of the fixed evaluation set used during training (none: all)")
+    final_eval_windows: int | None = option(None, "windows for the final evaluation (none: the whole val split)")
+    save_interval: int = option(500, "save a checkpoint every this many steps (0: only at the end)")
+    keep_checkpoints: int = option(2, "periodic checkpoints kept on disk (older ones are deleted)")
+    log_interval: int = option(10, "write metrics every this many steps")
+    seed: int = option(1337, "random seed for initialisation, data order and dropout")
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = option("auto", "auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16")
+    compile: bool = option(False, "compile the model with torch.compile")
+    num_threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
+    progress: bool = option(True, "show a progress bar")
+
+    def validate(self) -> None:
+        _check_choice("train.optimizer", self.optimizer, ("adamw", "sgd", "adagrad"))
+        _check_choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _check_choice("train.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        _check_positive("train.lr", self.lr)
+        _check_positive("train.min_lr", self.min_lr, allow_none=True, allow_zero=True)
+        _check_positive("train.batch_size", self.batch_size)
+        _check_positive("train.grad_accum", self.grad_accum)
+        _check_positive("train.max_steps", self.max_steps, allow_none=True)
+        _check_positive("train.max_time", self.max_time, allow_none=True)
+        _check_positive("train.decay_steps", self.decay_steps, allow_none=True)
+        for name in ("warmup_steps", "eval_interval", "save_interval", "weight_decay", "grad_clip"):
+            _check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        _check_positive("train.eval_windows", self.eval_windows, allow_none=True)
+        _check_positive("train.final_eval_windows", self.final_eval_windows, allow_none=True)
+        _check_positive("train.keep_checkpoints", self.keep_checkpoints)
+        _check_positive("train.log_interval", self.log_interval)
+        _check_positive("train.num_threads", self.num_threads, allow_none=True)
+        if self.max_steps is None and self.max_time is None:
+            raise ConfigError("give a budget: train.max_steps, train.max_time or both")
+        if not (self.device == "auto" or self.device in ("cpu", "mps") or self.device.startswith("cuda")):
+            raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+
+
+@dataclass
+class PretrainConfig:
+    """A pretraining run: prepared data, a model, training options and an output directory."""
+
+    data: str | None = option(None, "prepared data directory (from 'lmforge prepare')")
+    out: str = option("runs/pretrain", "run directory for checkpoints, metrics and plots")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resume: bool = option(False, "continue from the last checkpoint in the run directory")
+    nproc: int = option(1, "processes to launch with torchrun (DDP); 1 runs in this process")
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ConfigError("no data: give --data DIR (made by 'lmforge prepare') or 'data:' in the config")
+        _check_positive("nproc", self.nproc)
+        self.model.validate()
+        self.train.validate()
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each next token, and when to stop."""
+
+    max_new_tokens: int = option(128, "most tokens to generate per sample")
+    temperature: float = option(1.0, "softmax temperature; 0 means greedy (always the most likely token)")
+    top_k: int | None = option(None, "sample among the k most likely tokens only")
+    top_p: float | None = option(None, "sample among the most likely tokens whose probabilities add up to p")
+    min_p: float | None = option(None, "drop tokens less likely than min_p times the most likely one")
+    repetition_penalty: float = option(1.0, "penalise tokens already in the text (> 1 discourages repeats)")
+    stop: list[str] = option([], "stop when this text appears (may be given several times); not included")
+    seed: int | None = option(None, "random seed for reproducible sampling")
+    num_samples: int = option(1, "samples to draw per prompt")
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, not {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, not {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, not {self.top_k}")
+        for name in ("top_p", "min_p"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ConfigError(f"{name} must be in (0, 1], not {value}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be > 0, not {self.repetition_penalty}")
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples must be >= 1, not {self.num_samples}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError("stop strings must be non-empty text")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+def preset_names() -> list[str]:
+    """Names of the bundled model presets."""
+    folder = resources.files("lmforge") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The architecture fields of a bundled preset (by name) or of a preset YAML file (by path)."""
+    path = Path(name)
+    if name.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"preset file {name} does not exist")
+        return _read_yaml_mapping(path)
+    resource = resources.files("lmforge") / "presets" / f"{name}.yaml"
+    if not resource.is_file():
+        close = difflib.get_close_matches(name, preset_names(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; presets: {', '.join(preset_names())}"
+        raise ConfigError(f"unknown model preset {name!r}{hint}")
+    return yaml.safe_load(resource.read_text(encoding="utf-8")) or {}
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a YAML mapping of options, not a {type(data).__name__}")
+    return data
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a nested dict (validated later, against the dataclasses)."""
+    return _read_yaml_mapping(Path(path))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass as a plain nested dict (for YAML and JSON)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,181 @@
+"""Train, load and save tokenizers (Hugging Face ``tokenizers``), with lmforge's special tokens.
+
+Two kinds:
+
+* ``char``: one token per Unicode character seen in training, plus ``<|unk|>`` for unseen ones.
+* ``bpe``: byte-level BPE (GPT-2 style). Any UTF-8 text round-trips exactly; no unknown token.
+
+A tokenizer is saved as a standard ``tokenizer.json`` (loadable with
+``tokenizers.Tokenizer.from_file``) beside a Hugging Face style ``tokenizer_config.json`` that
+names the special tokens. Text is always encoded *literally*: a user's text that happens to contain
+``<|eos|>`` is encoded as ordinary characters, never as the special token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.fileio import atomic_write_text
+
+PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
+KINDS = ("char", "bpe")
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+class Tokenizer:
+    """A trained tokenizer and the roles of its special tokens.
+
+    Attributes:
+        hf: the underlying ``tokenizers.Tokenizer``.
+        special: role -> token text, for the roles ``bos``, ``eos``, ``pad`` and (char) ``unk``.
+        kind: ``"char"``, ``"bpe"`` or ``"unknown"`` for tokenizers made elsewhere.
+    """
+
+    def __init__(self, hf: HFTokenizer, special: dict[str, str], kind: str = "unknown",
+                 chat_template: str | None = None):
+        self.hf = hf
+        self.special = dict(special)
+        self.kind = kind
+        self.chat_template = chat_template
+        self.hf.encode_special_tokens = True  # user text containing "<|eos|>" stays literal text
+        for role, token in self.special.items():
+            if self.hf.token_to_id(token) is None:
+                raise CheckpointError(f"tokenizer has no {role} token {token!r}")
+
+    # ------------------------------------------------------------------ training
+    @classmethod
+    def train(cls, texts: Iterable[str], kind: str = "bpe", vocab_size: int | None = None,
+              show_progress: bool = False) -> Tokenizer:
+        """Train a ``char`` or byte-level ``bpe`` tokenizer on an iterable of texts.
+
+        ``vocab_size`` includes the special tokens. For ``char`` it caps the alphabet (the most
+        frequent characters are kept); for ``bpe`` it defaults to 8192 and must exceed 256 + specials.
+        """
+        if kind == "char":
+            special = {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK}
+            hf = HFTokenizer(models.WordLevel(unk_token=UNK))
+            # Oniguruma's (?m:.) matches any character, newline included.
+            hf.pre_tokenizer = pre_tokenizers.Split(Regex("(?m:.)"), behavior="isolated")
+            hf.decoder = decoders.Fuse()
+            trainer = trainers.WordLevelTrainer(vocab_size=vocab_size or 1_000_000, min_frequency=0,
+                                                special_tokens=list(special.values()),
+                                                show_progress=show_progress)
+        elif kind == "bpe":
+            special = {"pad": PAD, "bos": BOS, "eos": EOS}
+            vocab_size = vocab_size or 8192
+            minimum = 256 + len(special) + 1
+            if vocab_size < minimum:
+                raise ConfigError(f"a byte-level BPE vocabulary needs at least {minimum} tokens, not {vocab_size}")
+            hf = HFTokenizer(models.BPE())
+            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+            hf.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
+                                          special_tokens=list(special.values()),
+                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                          show_progress=show_progress)
+        else:
+            raise ConfigError(f"tokenizer kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        if vocab_size is not None and vocab_size <= len(special):
+            raise ConfigError(f"vocab size {vocab_size} leaves no room beside {len(special)} special tokens")
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf, special, kind)
+
+    # ------------------------------------------------------------------ persistence
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load from a directory holding ``tokenizer.json`` (and ``tokenizer_config.json``)."""
+        path = Path(path)
+        folder = path.parent if path.name == TOKENIZER_FILE else path
+        file = folder / TOKENIZER_FILE
+        if not file.is_file():
+            raise CheckpointError(f"no {TOKENIZER_FILE} in {folder}; train one with 'lmforge train-tokenizer'")
+        try:
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as exc:  # the Rust library raises plain Exception
+            raise CheckpointError(f"{file} is not a valid tokenizer file: {exc}") from None
+        config_file = folder / TOKENIZER_CONFIG_FILE
+        config: dict = {}
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from None
+        special = {role: _token_text(config.get(f"{role}_token")) for role in ("bos", "eos", "pad", "unk")}
+        special = {role: token for role, token in special.items() if token}
+        if not config_file.is_file():  # a bare tokenizer.json of ours: find the tokens by name
+            special = {role: tok for role, tok in (("pad", PAD), ("bos", BOS), ("eos", EOS), ("unk", UNK))
+                       if hf.token_to_id(tok) is not None}
+        return cls(hf, special, config.get("lmforge_kind", "unknown"), config.get("chat_template"))
+
+    def save(self, folder: str | Path) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder`` (atomically)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / TOKENIZER_FILE, self.hf.to_str(pretty=True))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "lmforge_kind": self.kind,
+            "clean_up_tokenization_spaces": False,
+            **{f"{role}_token": token for role, token in sorted(self.special.items())},
+        }
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        atomic_write_text(folder / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    # ------------------------------------------------------------------ use
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def _id(self, role: str) -> int | None:
+        token = self.special.get(role)
+        return None if token is None else self.hf.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._id("bos")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._id("eos")
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._id("pad")
+
+    @property
+    def special_ids(self) -> set[int]:
+        return {i for i in (self._id(role) for role in self.special) if i is not None}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of several texts, encoded in parallel by the Rust library."""
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; special tokens are dropped unless ``skip_special_tokens`` is False."""
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def fingerprint(self) -> str:
+        """A short hash identifying this tokenizer's vocabulary and rules."""
+        import hashlib
+
+        return hashlib.sha256(self.hf.to_str().encode("utf-8")).hexdigest()[:16]
+
+
+def _token_text(value: object) -> str | None:
+    """HF configs store a special token as a string or as ``{"content": ...}``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+

@@ -1,0 +1,305 @@
+"""The decoder-only transformer: GPT-2 and Llama in one readable file.
+
+Every architectural difference is a knob of :class:`~lmforge.config.ModelConfig`::
+
+                  GPT-2                      Llama
+    positions     learned embedding          rotary (RoPE), rotate-half convention
+    norm          LayerNorm (+bias)          RMSNorm
+    MLP           up -> GELU -> down         down(SiLU(gate) * up)   (SwiGLU)
+    attention     n_kv_head == n_head        grouped-query: n_kv_head divides n_head
+    biases        yes                        no
+    head          tied to the embedding      separate
+
+Shapes in comments: B batch, T new tokens, S keys (cached + new), C width, H heads,
+Hkv key/value heads, D head size, V vocabulary.
+
+    idx (B, T) -> tok_emb [+ pos_emb] -> dropout
+               -> n_layer x [ x + attn(norm1(x)) ; x + mlp(norm2(x)) ]
+               -> norm -> lm_head -> logits (B, T, V)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.config import ModelConfig
+
+
+# ------------------------------------------------------------------------------------------
+# KV cache
+# ------------------------------------------------------------------------------------------
+@dataclass
+class KVCache:
+    """Preallocated keys and values of every layer for generation.
+
+    ``keys[i]`` and ``values[i]`` are (B, Hkv, max_len, D); positions ``[0, length)`` are filled.
+    All rows share ``length``: a batch of prompts of different lengths is left-padded and the
+    padding is masked out (see ``attention_mask`` in :meth:`DecoderLM.forward`).
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch_size: int, max_len: int, device: torch.device,
+              dtype: torch.dtype) -> KVCache:
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)])
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write new (B, Hkv, T, D) keys/values after ``length``; return all (B, Hkv, S, D)."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only batch ``rows`` (e.g. for beam search or dropping finished sequences)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+
+# ------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Llama). No bias, no mean subtraction."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: ModelConfig, length: int) -> tuple[Tensor, Tensor]:
+    """cos and sin tables, each (length, D), in the rotate-half layout used by Hugging Face Llama."""
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32)
+                                            / config.head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (length, D)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, D) queries or keys; cos/sin are (B or 1, 1, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped-query heads and an optional KV cache."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        kv_width = config.n_kv_head * config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.k_proj = nn.Linear(config.n_embd, kv_width, bias=config.bias)
+        self.v_proj = nn.Linear(config.n_embd, kv_width, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
+                cache: KVCache | None, layer: int) -> Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.store(layer, k, v)  # (B, Hkv, S, D)
+        # Without an explicit mask: causal over the new tokens, or (one new token) attend to all.
+        dropout = self.dropout if self.training else 0.0
+        causal = mask is None and T > 1
+        gqa = self.n_kv_head != self.n_head
+        if x.device.type == "cpu" and q.dtype != torch.float32:
+            # On CPU the bf16 flash-attention backward is ~4x slower than fp32 (torch 2.13), and
+            # autocast would cast back to bf16: attend in fp32, outside autocast.
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                   dropout_p=dropout, is_causal=causal, enable_gqa=gqa)
+            y = y.to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=causal, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """GPT-2: down(gelu(up(x))). Llama (SwiGLU): down(silu(gate(x)) * up(x)).
+
+    ``gelu`` is the exact (erf) GELU; ``gelu_tanh`` the tanh approximation of the original GPT-2
+    (Hugging Face's ``gelu_new``), which is ~5x slower on CPU in torch 2.13.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gated = config.mlp == "swiglu"
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = Attention(config)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
+                cache: KVCache | None, layer: int) -> Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), rope, mask, cache, layer))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+# ------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------
+class DecoderLM(nn.Module):
+    """A causal language model: token ids (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        if config.vocab_size is None:
+            raise ValueError("config.vocab_size must be set before building a model")
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.position == "learned":
+            self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if config.position == "rope":
+            cos, sin = rope_tables(config, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith(("o_proj", "down_proj")) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # -------------------------------------------------------------- forward
+    def forward(self, idx: Tensor, *, position_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> Tensor:
+        """Next-token logits.
+
+        Args:
+            idx: (B, T) token ids; with a cache, the tokens after the cached ones.
+            position_ids: (B, T) positions; default ``cache.length + arange(T)``.
+            attention_mask: (B, S) bool, True for real tokens, False for left padding; S covers
+                the cached tokens and ``idx``. None means no padding.
+            cache: a :class:`KVCache` to read and extend (generation).
+            last_only: compute logits for the last position only (generation).
+
+        Returns:
+            (B, T, V) logits, or (B, 1, V) with ``last_only``.
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the context of {self.config.block_size}")
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=idx.device).unsqueeze(0)  # (1, T)
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if self.config.position == "learned":
+            x = x + self.pos_emb(position_ids)
+        else:
+            rope = (self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1))
+        x = self.drop(x)
+        mask = None if attention_mask is None else padding_mask(attention_mask, T)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    # -------------------------------------------------------------- introspection
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameter count (shared tensors once); ``non_embedding`` leaves out token and position
+        embeddings (and an untied head)."""
+        seen: dict[int, int] = {id(p): p.numel() for p in self.parameters()}
+        total = sum(seen.values())
+        if non_embedding:
+            total -= self.tok_emb.weight.numel()
+            if self.config.position == "learned":
+                total -= self.pos_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.lm_head.weight.numel()
+        return total
+
+    def flops_per_token(self, training: bool = True) -> float:
+        """Estimated FLOPs to process one token at full context (PaLM appendix B).
+
+        Forward: 2 per weight of every matrix multiply (blocks and head) plus 2 * 2 * T * C per
+        layer for the attention scores and the weighted sum. Training (forward + backward) is 3x.
+        """
+        c = self.config
+        matmul_weights = self.num_parameters(non_embedding=True) + self.lm_head.weight.numel()
+        forward = 2 * matmul_weights + 2 * 2 * c.n_layer * c.block_size * c.n_embd
+        return float(3 * forward if training else forward)
+
+
+def padding_mask(attention_mask: Tensor, T: int) -> Tensor:
+    """(B, 1, T, S) bool attention mask from a (B, S) padding mask, for the last T queries.
+
+    A query may see a key that is real and not in its future. Padding queries also see
+    themselves, so that no row of the softmax is empty (their outputs are never used).
+    """
+    B, S = attention_mask.shape
+    q_pos = torch.arange(S - T, S, device=attention_mask.device).view(T, 1)  # (T, 1)
+    k_pos = torch.arange(S, device=attention_mask.device).view(1, S)         # (1, S)
+    causal = k_pos <= q_pos                                                  # (T, S)
+    mask = causal & attention_mask[:, None, None, :]                         # (B, 1, T, S)
+    return mask | (k_pos == q_pos)

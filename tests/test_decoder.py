@@ -1,0 +1,203 @@
+"""The decoder model: parity with Hugging Face transformers (same random weights), KV cache, padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lmforge.config import ModelConfig
+from lmforge.models.decoder import DecoderLM, KVCache
+
+transformers = pytest.importorskip("transformers")
+
+
+def gpt2_state_for_hf(model: DecoderLM) -> dict[str, torch.Tensor]:
+    """Our GPT-2 flavoured weights under Hugging Face GPT2LMHeadModel names (Conv1D is (in, out))."""
+    sd = model.state_dict()
+    out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
+           "transformer.ln_f.weight": sd["norm.weight"], "transformer.ln_f.bias": sd["norm.bias"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(model.config.n_layer):
+        p, h = f"blocks.{i}.", f"transformer.h.{i}."
+        out[h + "ln_1.weight"], out[h + "ln_1.bias"] = sd[p + "norm1.weight"], sd[p + "norm1.bias"]
+        out[h + "ln_2.weight"], out[h + "ln_2.bias"] = sd[p + "norm2.weight"], sd[p + "norm2.bias"]
+        qkv = [sd[p + f"attn.{n}_proj.weight"] for n in "qkv"]
+        out[h + "attn.c_attn.weight"] = torch.cat(qkv, dim=0).t()
+        out[h + "attn.c_attn.bias"] = torch.cat([sd[p + f"attn.{n}_proj.bias"] for n in "qkv"])
+        out[h + "attn.c_proj.weight"] = sd[p + "attn.o_proj.weight"].t()
+        out[h + "attn.c_proj.bias"] = sd[p + "attn.o_proj.bias"]
+        out[h + "mlp.c_fc.weight"] = sd[p + "mlp.up_proj.weight"].t()
+        out[h + "mlp.c_fc.bias"] = sd[p + "mlp.up_proj.bias"]
+        out[h + "mlp.c_proj.weight"] = sd[p + "mlp.down_proj.weight"].t()
+        out[h + "mlp.c_proj.bias"] = sd[p + "mlp.down_proj.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def llama_state_for_hf(model: DecoderLM) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(model.config.n_layer):
+        p, h = f"blocks.{i}.", f"model.layers.{i}."
+        out[h + "input_layernorm.weight"] = sd[p + "norm1.weight"]
+        out[h + "post_attention_layernorm.weight"] = sd[p + "norm2.weight"]
+        for n in "qkvo":
+            out[h + f"self_attn.{n}_proj.weight"] = sd[p + f"attn.{n}_proj.weight"]
+        for n in ("gate", "up", "down"):
+            out[h + f"mlp.{n}_proj.weight"] = sd[p + f"mlp.{n}_proj.weight"]
+    return out
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights everywhere (norm weights and biases too, so they are really compared)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm_weight = "norm" in name and name.endswith("weight")
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if is_norm_weight else 0.0))
+
+
+GPT2_CASES = [
+    dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=101, mlp="gelu_tanh", tie_embeddings=True),
+    dict(n_layer=3, n_head=3, n_embd=48, block_size=40, vocab_size=77, mlp="gelu", tie_embeddings=True),
+    dict(n_layer=1, n_head=4, n_embd=24, block_size=16, vocab_size=53, mlp="gelu_tanh", tie_embeddings=False),
+]
+
+
+@pytest.mark.parametrize("knobs", GPT2_CASES)
+def test_gpt2_flavour_matches_transformers(knobs):
+    config = ModelConfig(**knobs)
+    torch.manual_seed(0)
+    model = DecoderLM(config).eval()
+    randomize(model)
+    hf_config = transformers.GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
+        n_head=config.n_head, activation_function="gelu_new" if config.mlp == "gelu_tanh" else "gelu",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=config.norm_eps,
+        tie_word_embeddings=config.tie_embeddings)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    missing, unexpected = hf.load_state_dict(gpt2_state_for_hf(model), strict=False)
+    assert not unexpected and all("attn.bias" in k or "masked_bias" in k for k in missing)
+    ids = torch.randint(0, config.vocab_size, (3, config.block_size))
+    with torch.no_grad():
+        assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+LLAMA_CASES = [
+    dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32, vocab_size=97),
+    dict(n_layer=2, n_head=6, n_kv_head=1, n_embd=36, block_size=24, vocab_size=61, intermediate_size=50),
+    dict(n_layer=1, n_head=2, n_kv_head=2, n_embd=16, block_size=20, vocab_size=33, tie_embeddings=True,
+         rope_theta=500000.0),
+]
+
+
+@pytest.mark.parametrize("knobs", LLAMA_CASES)
+def test_llama_flavour_matches_transformers(knobs):
+    base = dict(norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", position="rope", bias=False, tie_embeddings=False)
+    config = ModelConfig(**{**base, **knobs})
+    model = DecoderLM(config).eval()
+    randomize(model, seed=1)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head,
+        max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
+        tie_word_embeddings=config.tie_embeddings, attention_bias=False, mlp_bias=False)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    hf.load_state_dict(llama_state_for_hf(model), strict=not config.tie_embeddings)
+    ids = torch.randint(0, config.vocab_size, (2, config.block_size))
+    with torch.no_grad():
+        assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+    assert model.num_parameters() == hf.num_parameters()
+
+
+def tiny(position: str = "learned", **knobs) -> DecoderLM:
+    base = dict(vocab_size=50, block_size=24, n_layer=2, n_head=4, n_embd=32)
+    if position == "rope":
+        base.update(position="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2)
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(**{**base, **knobs})).eval()
+    randomize(model, seed=3)
+    return model
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_kv_cache_decoding_equals_full_forward(position):
+    model = tiny(position)
+    ids = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache.empty(model.config, 2, model.config.block_size, ids.device, torch.float32)
+        steps = [model(ids[:, :7], cache=cache)]
+        for t in range(7, 20):
+            steps.append(model(ids[:, t:t + 1], cache=cache))
+    assert cache.length == 20
+    assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_left_padding_with_mask_matches_unpadded(position):
+    model = tiny(position)
+    short, long = torch.randint(0, 50, (1, 5)), torch.randint(0, 50, (1, 9))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), short], dim=1)
+    batch = torch.cat([padded, long])
+    mask = torch.ones_like(batch, dtype=torch.bool)
+    mask[0, :4] = False
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(batch, position_ids=positions, attention_mask=mask)
+        assert_close(out[0, 4:], model(short)[0], atol=1e-5, rtol=1e-5)
+        assert_close(out[1], model(long)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_last_only_returns_last_position():
+    model = tiny()
+    ids = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        assert_close(model(ids, last_only=True), model(ids)[:, -1:])
+
+
+def test_too_long_input_is_rejected():
+    model = tiny()
+    with pytest.raises(ValueError, match="exceeds the context"):
+        model(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_weight_tying_and_parameter_counts():
+    model = tiny(tie_embeddings=True)
+    assert model.lm_head.weight is model.tok_emb.weight
+    c = model.config
+    per_layer = 2 * 2 * c.n_embd + 4 * (c.n_embd * c.n_embd + c.n_embd) + 2 * c.n_embd * 4 * c.n_embd + 5 * c.n_embd
+    expected = c.vocab_size * c.n_embd + c.block_size * c.n_embd + c.n_layer * per_layer + 2 * c.n_embd
+    assert model.num_parameters() == expected
+    assert model.num_parameters(non_embedding=True) == expected - c.vocab_size * c.n_embd - c.block_size * c.n_embd
+    untied = tiny(tie_embeddings=False)
+    assert untied.num_parameters() == expected + c.vocab_size * c.n_embd
+
+
+def test_flops_per_token_follows_palm_estimate():
+    model = tiny()
+    c = model.config
+    n = model.num_parameters(non_embedding=True) + c.vocab_size * c.n_embd
+    assert model.flops_per_token() == 3 * (2 * n + 4 * c.n_layer * c.block_size * c.n_embd)
+    assert model.flops_per_token(training=False) == model.flops_per_token() / 3
+
+
+def test_gpt2_scaled_initialisation():
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=1000, block_size=64, n_layer=8, n_head=4, n_embd=256))
+    residual = torch.cat([b.attn.o_proj.weight.flatten() for b in model.blocks])
+    other = torch.cat([b.attn.q_proj.weight.flatten() for b in model.blocks])
+    assert other.std().item() == pytest.approx(0.02, rel=0.05)
+    assert residual.std().item() == pytest.approx(0.02 / (2 * 8) ** 0.5, rel=0.05)
+    assert all(b.attn.q_proj.bias.abs().sum() == 0 for b in model.blocks)
+
+
+def test_bf16_autocast_on_cpu_stays_close_to_fp32():
+    model = tiny("rope")
+    ids = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        reference = model(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(ids).float()
+    assert (low - reference).abs().max() < 0.1 * reference.abs().max()

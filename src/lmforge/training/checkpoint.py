@@ -1,0 +1,192 @@
+"""Checkpoints: portable, safe, atomic directories.
+
+A checkpoint directory holds::
+
+    model.safetensors        weights (fp32; a tied head is stored once)
+    config.json              format, lmforge version, model family and architecture, training step
+    tokenizer.json (+config) the tokenizer
+    train_state.pt           (training runs) optimiser, step, RNG states, budgets; loaded with
+                             torch.load(weights_only=True), so nothing is ever unpickled
+
+It is written into a temporary sibling and renamed into place (:func:`lmforge.fileio.atomic_directory`):
+a process killed while saving leaves the previous checkpoints intact and no partial one where a
+resume would look. In a run directory, periodic checkpoints are ``checkpoints/step-N``, plus
+``checkpoints/best`` (lowest validation loss) and ``checkpoints/final``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lmforge
+from lmforge.config import to_dict
+from lmforge.errors import CheckpointError
+from lmforge.fileio import atomic_directory, recover_directory
+from lmforge.models import build_model, config_from_dict
+from lmforge.tokenizer import Tokenizer
+
+FORMAT = "lmforge-checkpoint-v1"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TRAIN_STATE_FILE = "train_state.pt"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every shared tensor (e.g. a tied head) kept once, made contiguous."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.stride())
+        if key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer,
+                    train_state: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint directory atomically; returns its path."""
+    path = Path(path)
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    config = {"format": FORMAT, "lmforge_version": lmforge.__version__, "family": model.config.family,
+              "model": to_dict(model.config), **(info or {})}
+    state = _unique_state(model)
+
+    def fill(folder: Path) -> None:
+        save_file(state, str(folder / MODEL_FILE), metadata={"format": "pt"})
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        tokenizer.save(folder)
+        if train_state is not None:
+            torch.save(train_state, folder / TRAIN_STATE_FILE)
+
+    atomic_directory(path, fill)
+    return path
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint, checked to be an lmforge checkpoint."""
+    path = Path(path)
+    file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory: expected an lmforge checkpoint or run directory")
+    if not file.is_file() or not (path / MODEL_FILE).is_file():
+        raise CheckpointError(f"{path} is not an lmforge checkpoint (no {CONFIG_FILE} and {MODEL_FILE})")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an lmforge checkpoint ({CONFIG_FILE} has no format {FORMAT!r})")
+    return config
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
+    """Load a checkpoint directory (or a run directory: see :func:`resolve_checkpoint`).
+
+    Returns ``(model in eval mode on device, tokenizer, config.json contents)``.
+    """
+    path = resolve_checkpoint(path)
+    config = read_config(path)
+    model_config = config_from_dict(config["model"])
+    tokenizer = Tokenizer.load(path)
+    if model_config.vocab_size < tokenizer.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{model_config.vocab_size}")
+    model = build_model(model_config)
+    load_weights(model, path / MODEL_FILE)
+    return model.to(device).eval(), tokenizer, config
+
+
+def load_weights(model: nn.Module, file: Path) -> None:
+    """Load safetensors weights into ``model``, strictly (a tied head may be absent from the file)."""
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read {file}: {exc}") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    tied = {name for name in missing if _is_tied(model, name)}
+    unexpected = [k for k in state if k not in expected]
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"{file} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    return name == "lm_head.weight" and getattr(model.config, "tie_embeddings", False)
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    """The training state of a checkpoint, read without unpickling arbitrary objects."""
+    file = Path(path) / TRAIN_STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path} holds no {TRAIN_STATE_FILE}: it cannot be resumed from")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise CheckpointError(f"cannot read {file}: {exc}") from None
+
+
+def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of the periodic checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: the one with the highest step among ``step-N`` and ``final``."""
+    folder = Path(run_dir) / "checkpoints"
+    for name in ("final", "best"):
+        recover_directory(folder / name)
+    candidates = [(step, path) for step, path in step_checkpoints(run_dir)]
+    final = folder / "final"
+    if (final / TRAIN_STATE_FILE).is_file():
+        candidates.append((int(read_config(final).get("step", 0)), final))
+    return max(candidates, key=lambda item: item[0])[1] if candidates else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest periodic checkpoints, and leftovers of interrupted saves."""
+    folder = Path(run_dir) / "checkpoints"
+    for _, path in step_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+    if folder.is_dir():
+        for leftover in folder.glob(".*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint or run directory (best, then final, then latest step)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    folder = path / "checkpoints"
+    for name in ("best", "final"):
+        recover_directory(folder / name)
+        if (folder / name / CONFIG_FILE).is_file():
+            return folder / name
+    steps = step_checkpoints(path)
+    if steps:
+        return steps[-1][1]
+    raise CheckpointError(f"{path} is not an lmforge checkpoint or run directory (no {CONFIG_FILE}, "
+                          f"no checkpoints/)")

@@ -1,0 +1,304 @@
+"""``lmforge <command>``: one thin function per command, each calling the documented Python API.
+
+Errors a user can cause print one line ``error: ...`` and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmforge import __version__
+from lmforge.errors import ConfigError, DataError, LmforgeError
+
+log = logging.getLogger("lmforge")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one ``error:`` line and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default where it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" not in text and action.option_strings and action.default not in (None, False,
+                                                                                         argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+# ----------------------------------------------------------------------------------- commands
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    from lmforge.data.sources import expand_inputs, iter_texts
+    from lmforge.tokenizer import Tokenizer
+
+    files = expand_inputs(args.input)
+    tokenizer = Tokenizer.train(iter_texts(files, args.text_field), kind=args.kind, vocab_size=args.vocab_size,
+                                show_progress=sys.stderr.isatty())
+    if tokenizer.vocab_size <= len(tokenizer.special):
+        raise DataError(f"the input ({len(files)} file(s)) holds no text to train a tokenizer on")
+    tokenizer.save(args.out)
+    print(f"trained a {args.kind} tokenizer with {tokenizer.vocab_size:,} tokens on {len(files)} file(s)")
+    print(f"saved to {Path(args.out) / 'tokenizer.json'}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from lmforge.data.shards import prepare
+
+    meta = prepare(args.input, args.tokenizer, args.out, args.val_fraction, args.text_field,
+                   progress=not args.quiet)
+    verb = "already prepared (inputs and tokenizer unchanged)" if meta["reused"] else "prepared"
+    print(f"{verb}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) "
+          f"in {args.out}")
+
+
+def _pretrain_config(args: argparse.Namespace) -> Any:
+    from lmforge.config import PretrainConfig, read_config_file
+    from lmforge.options import build_dataclass, deep_merge, namespace_to_dict
+
+    values: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    if isinstance(values.get("model"), str):
+        values["model"] = {"preset": values["model"]}
+    overrides = namespace_to_dict(args, keep=("data", "out", "model", "train", "resume", "nproc"))
+    config = build_dataclass(PretrainConfig, deep_merge(values, overrides))
+    if not config.model.preset and "model" not in values and "model" not in overrides:
+        raise ConfigError("no model: give --model PRESET (see 'lmforge presets') or a 'model:' section")
+    return config
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int | None:
+    from lmforge.training.distributed import launch
+    from lmforge.training.pretrain import check_inputs, pretrain
+
+    config = _pretrain_config(args)
+    config.validate()
+    if config.nproc > 1 and "RANK" not in os.environ:  # launch the workers; they run the branch below
+        check_inputs(config)
+        return launch(config.nproc, args.argv)
+    result = pretrain(config)
+    if os.environ.get("RANK", "0") == "0":
+        metrics = result.metrics
+        print(f"trained {result.step:,} steps ({result.tokens:,} tokens) in {result.elapsed:.1f} s; "
+              f"val loss {metrics['val_loss']:.4f}, perplexity {metrics['val_ppl']:.2f}")
+        print(f"run directory: {result.run_dir}  (config.yaml, metrics.jsonl, tensorboard/, loss.png)")
+        print(f"checkpoints:   {result.final_checkpoint} (last), {result.best_checkpoint} (best val loss)")
+        print(f"next: lmforge generate {result.run_dir} --prompt \"...\"")
+    return None
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from lmforge.api import LanguageModel, sampling_config
+
+    options = {name: getattr(args, name) for name in _sampling_names() if hasattr(args, name)}
+    config = sampling_config(options)  # validate before the (slower) model load
+    prompts = args.prompt or [""]
+    if args.stream and (len(prompts) > 1 or config.num_samples > 1):
+        raise ConfigError("--stream shows one prompt and one sample at a time")
+    lm = LanguageModel.load(args.checkpoint, device=args.device, dtype=args.dtype)
+    if args.stream:
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+        for piece in lm.stream(prompts[0], truncate=args.truncate, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    completions = lm.complete(prompts, truncate=args.truncate, **options)
+    if args.json:
+        for c in completions:
+            print(json.dumps({"text": c.text, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                              "completion_tokens": len(c.token_ids)}, ensure_ascii=False))
+        return
+    for i, c in enumerate(completions):
+        prompt = prompts[i // config.num_samples]
+        if i:
+            print("-" * 40)
+        if c.prompt_truncated:
+            print(f"(the prompt was truncated: its first {c.prompt_truncated} tokens were dropped)", file=sys.stderr)
+        print(prompt + c.text)
+
+
+def _sampling_names() -> tuple[str, ...]:
+    import dataclasses
+
+    from lmforge.config import SamplingConfig
+
+    return tuple(f.name for f in dataclasses.fields(SamplingConfig))
+
+
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    from lmforge.api import LanguageModel
+
+    path = Path(args.input)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"input file {path} does not exist") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path} as UTF-8 text: {exc}") from None
+    if not text:
+        raise DataError(f"{path} is empty")
+    lm = LanguageModel.load(args.checkpoint, device=args.device, dtype=args.dtype)
+    logprobs = lm.token_logprobs(text, stride=args.stride).double()
+    nll = -float(logprobs.mean())
+    import math
+
+    print(f"perplexity {math.exp(nll):.4f}  (mean negative log-likelihood {nll:.4f} nats/token over "
+          f"{len(logprobs):,} tokens of {path})")
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from lmforge.quickstart import quickstart
+
+    quickstart(out=args.out, max_time=args.max_time, inputs=args.input, model=args.model)
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from lmforge.config import ModelConfig, preset_names
+    from lmforge.models import build_model
+
+    print(f"{'preset':<12} {'layers':>6} {'width':>6} {'heads':>9} {'context':>8} {'params (8k vocab)':>18}")
+    for name in preset_names():
+        config = ModelConfig.from_dict({"preset": name, "vocab_size": 8192})
+        model = build_model(config)
+        heads = f"{config.n_head}/{config.n_kv_head}"
+        print(f"{name:<12} {config.n_layer:>6} {config.n_embd:>6} {heads:>9} {config.block_size:>8} "
+              f"{model.num_parameters():>18,}")
+
+
+# ----------------------------------------------------------------------------------- parser
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    parser.add_argument("--dtype", default="fp32", help="weights' precision: fp32, bf16, fp16 or auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lmforge.config import PretrainConfig, SamplingConfig
+    from lmforge.options import add_arguments
+
+    parser = Parser(prog="lmforge", formatter_class=_Formatter,
+                    description="Train, fine-tune, evaluate and serve language models, offline and CPU first.")
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    commands.required = True
+
+    def command(name: str, help: str, description: str = "") -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=description or help, formatter_class=_Formatter)
+
+    p = command("train-tokenizer", "train a character or byte-level BPE tokenizer on text")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text/JSONL files, folders or globs")
+    p.add_argument("--kind", choices=("char", "bpe"), default="bpe", help="tokenizer kind")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size including special tokens (bpe default 8192; char: cap on the alphabet)")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSONL records")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.json")
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = command("prepare", "tokenize a corpus into train/val token shards")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text/JSONL files, folders or globs")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="directory holding tokenizer.json")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for train.bin, val.bin, meta.json")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSONL records")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+    p = command("pretrain", "pretrain a decoder-only model on prepared data",
+                "Pretrain a model. Options come from --config FILE (YAML), overridden by flags; every YAML key "
+                "is also a flag (e.g. train.lr -> --train.lr).")
+    p.add_argument("--config", metavar="FILE", help="YAML file with data, out, model, train sections")
+    p.add_argument("--model", dest="model.preset", default=argparse.SUPPRESS, metavar="PRESET",
+                   help="model preset name (see 'lmforge presets') or preset YAML file")
+    p.add_argument("--max-steps", dest="train.max_steps", default=argparse.SUPPRESS, metavar="N",
+                   help="same as --train.max_steps")
+    p.add_argument("--max-time", dest="train.max_time", default=argparse.SUPPRESS, metavar="S",
+                   help="same as --train.max_time (seconds)")
+    add_arguments(p, PretrainConfig)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = command("generate", "generate text from a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="prompt text; give it several times for a batch (default: an empty prompt)")
+    add_arguments(p, SamplingConfig, flat=True)
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    p.add_argument("--truncate", action="store_true",
+                   help="drop the start of a prompt that is too long for the context (else an error)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per sample")
+    _add_device_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = command("perplexity", "perplexity of a checkpoint on a text file")
+    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p.add_argument("--input", required=True, metavar="FILE", help="UTF-8 text file")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens the scoring window advances (default: the context length)")
+    _add_device_options(p)
+    p.set_defaults(func=cmd_perplexity)
+
+    p = command("quickstart", "train a small model end to end on an embedded corpus (no download)")
+    p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="where everything is written")
+    p.add_argument("--max-time", type=float, default=300.0, metavar="SECONDS", help="training time budget")
+    p.add_argument("--input", nargs="+", default=None, metavar="PATH",
+                   help="your own text/JSONL files, folders or globs instead of the embedded corpus")
+    p.add_argument("--model", default=None, metavar="PRESET", help="model preset (default: a small GPT-2)")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = command("presets", "list the bundled model presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def _reject_unknown(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
+    """Exit with one line naming the unknown options, with a did-you-mean hint."""
+    import difflib
+
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = subparsers.choices[command]
+    known = [flag for action in sub._actions for flag in action.option_strings]
+    flag = next((u.split("=")[0] for u in unknown if u.startswith("-")), unknown[0])
+    close = difflib.get_close_matches(flag, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    sub.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("lmforge")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _reject_unknown(parser, args.command, unknown)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging(args.verbose)
+    try:
+        code = args.func(args)
+    except LmforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

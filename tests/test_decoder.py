@@ -22,9 +22,8 @@ def gpt2_state_for_hf(model: DecoderLM) -> dict[str, torch.Tensor]:
         p, h = f"blocks.{i}.", f"transformer.h.{i}."
         out[h + "ln_1.weight"], out[h + "ln_1.bias"] = sd[p + "norm1.weight"], sd[p + "norm1.bias"]
         out[h + "ln_2.weight"], out[h + "ln_2.bias"] = sd[p + "norm2.weight"], sd[p + "norm2.bias"]
-        qkv = [sd[p + f"attn.{n}_proj.weight"] for n in "qkv"]
-        out[h + "attn.c_attn.weight"] = torch.cat(qkv, dim=0).t()
-        out[h + "attn.c_attn.bias"] = torch.cat([sd[p + f"attn.{n}_proj.bias"] for n in "qkv"])
+        out[h + "attn.c_attn.weight"] = sd[p + "attn.qkv_proj.weight"].t()
+        out[h + "attn.c_attn.bias"] = sd[p + "attn.qkv_proj.bias"]
         out[h + "attn.c_proj.weight"] = sd[p + "attn.o_proj.weight"].t()
         out[h + "attn.c_proj.bias"] = sd[p + "attn.o_proj.bias"]
         out[h + "mlp.c_fc.weight"] = sd[p + "mlp.up_proj.weight"].t()
@@ -35,18 +34,21 @@ def gpt2_state_for_hf(model: DecoderLM) -> dict[str, torch.Tensor]:
 
 
 def llama_state_for_hf(model: DecoderLM) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
+    sd, c = model.state_dict(), model.config
     out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm.weight"],
            "lm_head.weight": sd["lm_head.weight"]}
     for i in range(model.config.n_layer):
         p, h = f"blocks.{i}.", f"model.layers.{i}."
         out[h + "input_layernorm.weight"] = sd[p + "norm1.weight"]
         out[h + "post_attention_layernorm.weight"] = sd[p + "norm2.weight"]
-        for n in "qkvo":
-            out[h + f"self_attn.{n}_proj.weight"] = sd[p + f"attn.{n}_proj.weight"]
-        for n in ("gate", "up", "down"):
-            out[h + f"mlp.{n}_proj.weight"] = sd[p + f"mlp.{n}_proj.weight"]
-    return out
+        q, k, v = sd[p + "attn.qkv_proj.weight"].split([c.n_embd, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim])
+        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"] = q, k
+        out[h + "self_attn.v_proj.weight"] = v
+        out[h + "self_attn.o_proj.weight"] = sd[p + "attn.o_proj.weight"]
+        gate, up = sd[p + "mlp.gate_up_proj.weight"].chunk(2)
+        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
+        out[h + "mlp.down_proj.weight"] = sd[p + "mlp.down_proj.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
@@ -187,10 +189,10 @@ def test_gpt2_scaled_initialisation():
     torch.manual_seed(0)
     model = DecoderLM(ModelConfig(vocab_size=1000, block_size=64, n_layer=8, n_head=4, n_embd=256))
     residual = torch.cat([b.attn.o_proj.weight.flatten() for b in model.blocks])
-    other = torch.cat([b.attn.q_proj.weight.flatten() for b in model.blocks])
+    other = torch.cat([b.attn.qkv_proj.weight.flatten() for b in model.blocks])
     assert other.std().item() == pytest.approx(0.02, rel=0.05)
     assert residual.std().item() == pytest.approx(0.02 / (2 * 8) ** 0.5, rel=0.05)
-    assert all(b.attn.q_proj.bias.abs().sum() == 0 for b in model.blocks)
+    assert all(b.attn.qkv_proj.bias.abs().sum() == 0 for b in model.blocks)
 
 
 def test_bf16_autocast_on_cpu_stays_close_to_fp32():
@@ -200,4 +202,33 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32():
         reference = model(ids)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(ids).float()
+    assert (low - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+def test_math_attention_equals_scaled_dot_product_attention(heads):
+    from lmforge.models.decoder import math_attention, padding_mask
+
+    n_head, n_kv = heads
+    q = torch.randn(2, n_head, 10, 8)
+    k, v = torch.randn(2, n_kv, 10, 8), torch.randn(2, n_kv, 10, 8)
+    gqa = n_head != n_kv
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    assert_close(math_attention(q, k, v, None, True, 0.0), expected, atol=1e-5, rtol=1e-5)
+    real = torch.ones(2, 10, dtype=torch.bool)
+    real[0, :3] = False
+    mask = padding_mask(real, 10)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    assert_close(math_attention(q, k, v, mask, False, 0.0), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_training_step_on_cpu_uses_math_attention_and_matches_fp32():
+    model = tiny("rope")
+    model.train()
+    ids = torch.randint(0, 50, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(ids).float()
+    model.eval()
+    with torch.no_grad():
+        reference = model(ids)
     assert (low - reference).abs().max() < 0.1 * reference.abs().max()

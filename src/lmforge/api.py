@@ -132,7 +132,7 @@ class LanguageModel:
         streams = [TextStream(self.tokenizer, config.stop) for _ in rows]
         generated: list[list[int]] = [[] for _ in rows]
         reasons = ["length"] * len(rows)
-        eos = self.tokenizer.eos_id
+        eos = None if config.ignore_eos else self.tokenizer.eos_id
         generator = TokenGenerator(self.model, rows, config, eos, self.tokenizer.pad_id or 0)
         for next_ids in generator:
             done = []

@@ -201,6 +201,7 @@ class SamplingConfig:
     stop: list[str] = option([], "stop when this text appears (may be given several times); not included")
     seed: int | None = option(None, "random seed for reproducible sampling")
     num_samples: int = option(1, "samples to draw per prompt")
+    ignore_eos: bool = option(False, "keep generating after the end-of-sequence token (for benchmarks)")
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:

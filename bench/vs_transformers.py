@@ -3,7 +3,8 @@
 Both models get the same random weights (checked: equal logits), the same data, optimiser (fused
 AdamW), clipping and loss. Reported, for fp32 and for bf16 autocast:
 
-* training tokens/s (forward + backward + optimiser step)
+* training tokens/s (forward + backward + optimiser step), against transformers' default (SDPA)
+  attention and against its eager attention
 * batch-1 greedy decoding tokens/s with a KV cache (lmforge's ``LanguageModel.complete`` against
   ``GPT2LMHeadModel.generate``; both produce the same tokens, checked)
 * batch-16 greedy decoding throughput
@@ -18,6 +19,7 @@ memory bandwidth dominate).
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -44,12 +46,12 @@ def hf_twin(model: DecoderLM) -> transformers.GPT2LMHeadModel:
              "lm_head.weight": sd["lm_head.weight"]}
     for i in range(c.n_layer):
         p, h = f"blocks.{i}.", f"transformer.h.{i}."
-        pairs = {"ln_1": "norm1", "ln_2": "norm2"}
-        for hf_name, name in pairs.items():
-            hf_sd[h + hf_name + ".weight"], hf_sd[h + hf_name + ".bias"] = sd[p + name + ".weight"], sd[p + name + ".bias"]
-        hf_sd[h + "attn.c_attn.weight"] = sd[p + "attn.qkv_proj.weight"].t()
-        hf_sd[h + "attn.c_attn.bias"] = sd[p + "attn.qkv_proj.bias"]
-        for hf_name, name in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"), ("mlp.c_proj", "mlp.down_proj")):
+        for hf_name, name in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            hf_sd[h + hf_name + ".weight"] = sd[p + name + ".weight"]
+            hf_sd[h + hf_name + ".bias"] = sd[p + name + ".bias"]
+        linears = (("attn.c_attn", "attn.qkv_proj"), ("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"),
+                   ("mlp.c_proj", "mlp.down_proj"))
+        for hf_name, name in linears:  # transformers' Conv1D stores (in, out)
             hf_sd[h + hf_name + ".weight"] = sd[p + name + ".weight"].t()
             hf_sd[h + hf_name + ".bias"] = sd[p + name + ".bias"]
     hf.load_state_dict({k: v.contiguous() for k, v in hf_sd.items()}, strict=False)
@@ -58,8 +60,8 @@ def hf_twin(model: DecoderLM) -> transformers.GPT2LMHeadModel:
 
 def train_speed(model: torch.nn.Module, logits_of, data: torch.Tensor, batch: int, block: int, steps: int,
                 dtype: torch.dtype) -> float:
-    """Training tokens/s over ``steps`` steps after 2 warm-up steps."""
-    model.train()
+    """Training tokens/s over ``steps`` steps after 2 warm-up steps (on a copy: the weights stay as they were)."""
+    model = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     generator = torch.Generator().manual_seed(0)
 
@@ -109,6 +111,10 @@ def compare(shape: str, documents: list[str], new_tokens: int) -> list[tuple[str
         a = train_speed(ours, lambda m, x: m(x), data, batch_size, block_size, steps, dtype)
         b = train_speed(theirs, lambda m, x: m(x).logits, data, batch_size, block_size, steps, dtype)
         rows.append((f"{shape}: training tokens/s ({name}, batch {batch_size}x{block_size})", a, b))
+        theirs.config._attn_implementation = "eager"  # transformers' other attention, faster in some cases
+        b = train_speed(theirs, lambda m, x: m(x).logits, data, batch_size, block_size, steps, dtype)
+        theirs.config._attn_implementation = "sdpa"
+        rows.append((f"{shape}: training tokens/s ({name}), transformers with eager attention", a, b))
     ours.eval()
     theirs.eval()
     lm = LanguageModel(ours, tokenizer)

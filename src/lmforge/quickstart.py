@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 
 VOCAB_SIZE = 4096
 SAMPLE_PROMPTS = ("The for statement", "A list is", "This module provides")
-DEFAULT_MODEL = {"preset": "gpt2-10m", "n_layer": 6, "block_size": 256, "dropout": 0.1}
+# Chosen by measurement for ~5 minutes on a 2-core CPU: a 3.5M-parameter GPT-2 (no dropout: the
+# run sees the corpus ~7 times and validation loss is still falling at the end), context 128.
+DEFAULT_MODEL = {"preset": "gpt2-10m", "n_layer": 6, "n_embd": 192, "n_head": 3, "block_size": 128, "dropout": 0.0}
 
 
 def _say(step: int, total: int, text: str) -> None:
@@ -57,8 +59,8 @@ def quickstart(out: str | Path = "runs/quickstart", max_time: float = 300.0, inp
     _say(3, total, f"data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens -> {data_dir}")
 
     model_config = ModelConfig.from_dict({"preset": model} if model else DEFAULT_MODEL)
-    train_config = TrainConfig(lr=2e-3, min_lr=2e-4, warmup_steps=50, max_steps=None, max_time=max_time,
-                               batch_size=16, eval_interval=100, eval_windows=50, save_interval=200)
+    train_config = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=30, max_steps=None, max_time=max_time,
+                               batch_size=32, eval_interval=100, eval_windows=100, save_interval=200)
     run_dir = out / "run"
     _say(4, total, f"pretraining for {max_time:.0f} s -> {run_dir}")
     result = pretrain(PretrainConfig(data=str(data_dir), out=str(run_dir), model=model_config, train=train_config))

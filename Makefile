@@ -21,6 +21,7 @@ install-test: install
 
 quickstart: install
 	$(BIN)/lmforge quickstart
+	@echo "(the lmforge command is in $(VENV)/bin: activate it with  . $(VENV)/bin/activate)"
 
 test: install-test
 	$(BIN)/python -m pytest

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -208,5 +208,3 @@ def _as_list(prompts: str | list[str]) -> list[str]:
         raise RequestError("prompts must be a string or a non-empty list of strings")
     return prompts
 
-
-SAMPLING_OPTIONS = tuple(f.name for f in fields(SamplingConfig))

@@ -33,8 +33,8 @@ from lmforge.tokenizer import Tokenizer
 FORMAT = "lmforge-tokens-v1"
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
-BATCH_CHARS = 4 << 20  # text encoded per call into the tokenizer
-SUBPIECE_CHARS = 1 << 16  # pieces are cut at newlines into parts of about this size (parallelism)
+BATCH_CHARS = 1 << 20  # text encoded per call into the tokenizer (bounds memory: ~100 MB)
+SUBPIECE_CHARS = 1 << 15  # pieces are cut at newlines into parts of about this size (parallelism)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

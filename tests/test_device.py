@@ -1,0 +1,45 @@
+"""Device and precision selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.device import autocast, bf16_supported, select_device, select_dtype
+from lmforge.errors import ConfigError
+
+
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert select_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert select_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device("auto") == torch.device("cuda")
+
+
+def test_unavailable_or_unknown_devices_are_config_errors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA"):
+        select_device("cuda")
+    with pytest.raises(ConfigError, match="unknown device"):
+        select_device("gpu0")
+
+
+def test_dtype_choice():
+    cpu = torch.device("cpu")
+    assert select_dtype("fp32", cpu) == torch.float32
+    assert select_dtype("bf16", cpu) == torch.bfloat16
+    assert select_dtype("auto", cpu) == (torch.bfloat16 if bf16_supported(cpu) else torch.float32)
+    with pytest.raises(ConfigError, match="fp16"):
+        select_dtype("fp16", cpu)
+    with pytest.raises(ConfigError):
+        select_dtype("int8", cpu)
+
+
+def test_autocast_is_a_no_op_for_fp32():
+    with autocast(torch.device("cpu"), torch.float32):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")

@@ -166,7 +166,7 @@ class LanguageModel:
         give each token more context). Returns a 1-D float tensor, one entry per token."""
         ids = [self.tokenizer.eos_id or 0] + self.tokenizer.encode(text)
         block = self.context_length
-        stride = stride or block
+        stride = block if stride is None else stride
         if not 0 < stride <= block:
             raise ConfigError(f"stride must be between 1 and the context ({block}), not {stride}")
         tokens = torch.tensor(ids, device=self.device)

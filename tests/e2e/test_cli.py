@@ -119,6 +119,11 @@ def test_empty_corpus_is_refused_and_nothing_is_written(workflow, tmp_path):
     assert_clean_error(lmforge("train-tokenizer", "--input", empty, "--kind", "char", "--out", tmp_path / "t"),
                        "no text")
     assert not (tmp_path / "t").exists()
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(bytes(range(256)))
+    assert_clean_error(lmforge("prepare", "--input", binary, "--tokenizer", workflow / "tok", "--out",
+                               tmp_path / "fresh"), "not UTF-8")
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_config_errors(workflow, tmp_path):
@@ -156,6 +161,10 @@ def test_not_a_checkpoint_and_prompt_too_long(workflow, tmp_path):
     assert truncated.returncode == 0 and "truncated" in truncated.stderr
     assert_clean_error(lmforge("generate", workflow / "run", "--temperature", "-1"), "temperature")
     assert_clean_error(lmforge("perplexity", workflow / "run", "--input", tmp_path / "none.txt"), "does not exist")
+    assert_clean_error(lmforge("perplexity", workflow / "run", "--input", tmp_path), "cannot read")
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    assert_clean_error(lmforge("perplexity", workflow / "run", "--input", text, "--stride", "0"), "stride")
 
 
 @pytest.mark.slow

@@ -113,6 +113,21 @@ def prepare(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path
     if existing is not None and existing.get("fingerprint") == fingerprint:
         return {**existing, "reused": True}
 
+    created = not out.exists()
+    try:
+        meta = _write_shards(files, tokenizer, out, val_fraction, text_field, progress)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # leave nothing behind for a failed first preparation
+        raise
+    meta["fingerprint"] = fingerprint
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
+    return {**meta, "reused": False}
+
+
+def _write_shards(files: list[Path], tokenizer: Tokenizer, out: Path, val_fraction: float, text_field: str,
+                  progress: bool) -> dict[str, Any]:
+    """Tokenize into ``out``; returns the metadata (without fingerprint), ``meta.json`` not yet written."""
     dtype = token_dtype(tokenizer.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # the old shards are invalid from here on
@@ -139,7 +154,7 @@ def prepare(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path
             os.fsync(handle.fileno())
             handle.close()
     tokenizer.save(out)
-    meta = {
+    return {
         "format": FORMAT,
         "dtype": dtype.name,
         "vocab_size": tokenizer.vocab_size,
@@ -150,10 +165,7 @@ def prepare(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path
         "val_fraction": val_fraction,
         "text_field": text_field,
         "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in files],
-        "fingerprint": fingerprint,
     }
-    atomic_write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
-    return {**meta, "reused": False}
 
 
 def _read_meta_if_valid(folder: Path) -> dict[str, Any] | None:

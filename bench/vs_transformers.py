@@ -29,32 +29,17 @@ import transformers
 from lmforge.api import LanguageModel
 from lmforge.config import ModelConfig
 from lmforge.corpus import default_documents
+from lmforge.interop.hf import GPT2, to_hf_state
 from lmforge.models.decoder import DecoderLM
 from lmforge.tokenizer import Tokenizer
+from lmforge.training.checkpoint import unique_state
 
 
 def hf_twin(model: DecoderLM) -> transformers.GPT2LMHeadModel:
-    """A GPT2LMHeadModel computing exactly what ``model`` computes (exact GELU, same weights)."""
-    c = model.config
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-        n_inner=c.intermediate_size, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        layer_norm_epsilon=c.norm_eps, tie_word_embeddings=True))
-    sd = model.state_dict()
-    hf_sd = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
-             "transformer.ln_f.weight": sd["norm.weight"], "transformer.ln_f.bias": sd["norm.bias"],
-             "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(c.n_layer):
-        p, h = f"blocks.{i}.", f"transformer.h.{i}."
-        for hf_name, name in (("ln_1", "norm1"), ("ln_2", "norm2")):
-            hf_sd[h + hf_name + ".weight"] = sd[p + name + ".weight"]
-            hf_sd[h + hf_name + ".bias"] = sd[p + name + ".bias"]
-        linears = (("attn.c_attn", "attn.qkv_proj"), ("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"),
-                   ("mlp.c_proj", "mlp.down_proj"))
-        for hf_name, name in linears:  # transformers' Conv1D stores (in, out)
-            hf_sd[h + hf_name + ".weight"] = sd[p + name + ".weight"].t()
-            hf_sd[h + hf_name + ".bias"] = sd[p + name + ".bias"]
-    hf.load_state_dict({k: v.contiguous() for k, v in hf_sd.items()}, strict=False)
+    """A GPT2LMHeadModel computing exactly what ``model`` computes (exact GELU, same weights), built
+    from lmforge's own Hugging Face export config and weight table."""
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2.write_config(model.config)))
+    hf.load_state_dict(to_hf_state(unique_state(model), model.config, GPT2), strict=False)
     return hf.eval()
 
 

@@ -7,48 +7,16 @@ import torch
 from torch.testing import assert_close
 
 from lmforge.config import ModelConfig
+from lmforge.interop.hf import architecture_for, to_hf_state
 from lmforge.models.decoder import DecoderLM, KVCache
+from lmforge.training.checkpoint import unique_state
 
 transformers = pytest.importorskip("transformers")
 
 
-def gpt2_state_for_hf(model: DecoderLM) -> dict[str, torch.Tensor]:
-    """Our GPT-2 flavoured weights under Hugging Face GPT2LMHeadModel names (Conv1D is (in, out))."""
-    sd = model.state_dict()
-    out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
-           "transformer.ln_f.weight": sd["norm.weight"], "transformer.ln_f.bias": sd["norm.bias"],
-           "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(model.config.n_layer):
-        p, h = f"blocks.{i}.", f"transformer.h.{i}."
-        out[h + "ln_1.weight"], out[h + "ln_1.bias"] = sd[p + "norm1.weight"], sd[p + "norm1.bias"]
-        out[h + "ln_2.weight"], out[h + "ln_2.bias"] = sd[p + "norm2.weight"], sd[p + "norm2.bias"]
-        out[h + "attn.c_attn.weight"] = sd[p + "attn.qkv_proj.weight"].t()
-        out[h + "attn.c_attn.bias"] = sd[p + "attn.qkv_proj.bias"]
-        out[h + "attn.c_proj.weight"] = sd[p + "attn.o_proj.weight"].t()
-        out[h + "attn.c_proj.bias"] = sd[p + "attn.o_proj.bias"]
-        out[h + "mlp.c_fc.weight"] = sd[p + "mlp.up_proj.weight"].t()
-        out[h + "mlp.c_fc.bias"] = sd[p + "mlp.up_proj.bias"]
-        out[h + "mlp.c_proj.weight"] = sd[p + "mlp.down_proj.weight"].t()
-        out[h + "mlp.c_proj.bias"] = sd[p + "mlp.down_proj.bias"]
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def llama_state_for_hf(model: DecoderLM) -> dict[str, torch.Tensor]:
-    sd, c = model.state_dict(), model.config
-    out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(model.config.n_layer):
-        p, h = f"blocks.{i}.", f"model.layers.{i}."
-        out[h + "input_layernorm.weight"] = sd[p + "norm1.weight"]
-        out[h + "post_attention_layernorm.weight"] = sd[p + "norm2.weight"]
-        q, k, v = sd[p + "attn.qkv_proj.weight"].split([c.n_embd, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim])
-        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"] = q, k
-        out[h + "self_attn.v_proj.weight"] = v
-        out[h + "self_attn.o_proj.weight"] = sd[p + "attn.o_proj.weight"]
-        gate, up = sd[p + "mlp.gate_up_proj.weight"].chunk(2)
-        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
-        out[h + "mlp.down_proj.weight"] = sd[p + "mlp.down_proj.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
+def hf_state(model: DecoderLM) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face names, through lmforge's interop table."""
+    return to_hf_state(unique_state(model), model.config, architecture_for(model.config))
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
@@ -79,8 +47,9 @@ def test_gpt2_flavour_matches_transformers(knobs):
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=config.norm_eps,
         tie_word_embeddings=config.tie_embeddings)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
-    missing, unexpected = hf.load_state_dict(gpt2_state_for_hf(model), strict=False)
-    assert not unexpected and all("attn.bias" in k or "masked_bias" in k for k in missing)
+    missing, unexpected = hf.load_state_dict(hf_state(model), strict=False)
+    tied = {"lm_head.weight"} if config.tie_embeddings else set()  # tied to transformer.wte
+    assert not unexpected and all("attn.bias" in k or "masked_bias" in k or k in tied for k in missing)
     ids = torch.randint(0, config.vocab_size, (3, config.block_size))
     with torch.no_grad():
         assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
@@ -106,7 +75,7 @@ def test_llama_flavour_matches_transformers(knobs):
         max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
         tie_word_embeddings=config.tie_embeddings, attention_bias=False, mlp_bias=False)
     hf = transformers.LlamaForCausalLM(hf_config).eval()
-    hf.load_state_dict(llama_state_for_hf(model), strict=not config.tie_embeddings)
+    hf.load_state_dict(hf_state(model), strict=not config.tie_embeddings)
     ids = torch.randint(0, config.vocab_size, (2, config.block_size))
     with torch.no_grad():
         assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)

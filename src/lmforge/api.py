@@ -24,6 +24,7 @@ from lmforge.device import select_device, select_dtype
 from lmforge.errors import ConfigError, RequestError
 from lmforge.inference.detokenize import TextStream
 from lmforge.inference.generate import TokenGenerator
+from lmforge.interop.hf import is_hf_folder, load_hf
 from lmforge.options import build_dataclass
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.checkpoint import load_model
@@ -65,11 +66,15 @@ class LanguageModel:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", dtype: str = "fp32") -> LanguageModel:
-        """Load a checkpoint or run directory. ``dtype`` sets the weights' precision (fp32, bf16, fp16;
-        ``auto`` picks bf16 where the device has it natively)."""
+        """Load a checkpoint or run directory, or a Hugging Face GPT-2/Llama folder (converted in
+        memory). ``dtype`` sets the weights' precision (fp32, bf16, fp16; ``auto`` picks bf16 where
+        the device has it natively)."""
         target = select_device(device)
-        model, tokenizer, info = load_model(path, device=target)
-        model = model.to(select_dtype(dtype, target))
+        if is_hf_folder(path):
+            model, tokenizer, info = load_hf(path)
+        else:
+            model, tokenizer, info = load_model(path)
+        model = model.to(device=target, dtype=select_dtype(dtype, target))
         return cls(model, tokenizer, info, Path(path))
 
     # ------------------------------------------------------------------ properties
@@ -85,19 +90,21 @@ class LanguageModel:
     def encode_prompt(self, prompt: str, truncate: bool = False, reserve: int = 0) -> tuple[list[int], int]:
         """Token ids of a prompt, and how many tokens truncation dropped.
 
-        An empty prompt is the end-of-sequence token ("start of a document"). A prompt longer than
-        the context is an error, or with ``truncate`` loses its start, keeping room for ``reserve``
-        new tokens (at most half the context).
+        An empty prompt is the start-of-document token (:attr:`Tokenizer.start_ids`); tokenizers that
+        start texts with bos (Llama's) get it in front of every prompt. A prompt longer than the
+        context is an error, or with ``truncate`` loses its start (after bos), keeping room for
+        ``reserve`` new tokens (at most half the context).
         """
-        ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eos_id or 0]
+        head = self.tokenizer.start_ids if self.tokenizer.adds_bos or not prompt else []
+        body = self.tokenizer.encode(prompt) if prompt else []
         limit = self.context_length
-        if len(ids) <= limit:
-            return ids, 0
+        if len(head) + len(body) <= limit:
+            return head + body, 0
         if not truncate:
-            raise RequestError(f"the prompt is {len(ids)} tokens long but the model's context is {limit} tokens; "
-                               f"shorten it or allow truncation")
-        keep = limit - min(reserve, limit // 2)
-        return ids[-keep:], len(ids) - keep
+            raise RequestError(f"the prompt is {len(head) + len(body)} tokens long but the model's context is "
+                               f"{limit} tokens; shorten it or allow truncation")
+        keep = limit - min(reserve, limit // 2) - len(head)
+        return head + body[-keep:], len(body) - keep
 
     def complete(self, prompts: str | list[str], truncate: bool = False, **sampling: Any) -> list[Completion]:
         """Generate for one prompt or a batch; returns ``len(prompts) * num_samples`` completions,
@@ -161,10 +168,10 @@ class LanguageModel:
     @torch.inference_mode()
     def token_logprobs(self, text: str, stride: int | None = None) -> torch.Tensor:
         """Log-probability of every token of ``text`` given the ones before it (the first given the
-        end-of-sequence token, i.e. "start of a document"). Texts longer than the context are scored
-        with sliding windows that advance by ``stride`` tokens (default: the context; smaller strides
-        give each token more context). Returns a 1-D float tensor, one entry per token."""
-        ids = [self.tokenizer.eos_id or 0] + self.tokenizer.encode(text)
+        start-of-document token, :attr:`Tokenizer.start_ids`). Texts longer than the context are
+        scored with sliding windows that advance by ``stride`` tokens (default: the context; smaller
+        strides give each token more context). Returns a 1-D float tensor, one entry per token."""
+        ids = self.tokenizer.start_ids + self.tokenizer.encode(text)
         block = self.context_length
         stride = block if stride is None else stride
         if not 0 < stride <= block:

@@ -157,6 +157,30 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
           f"{len(logprobs):,} tokens of {path})")
 
 
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    from lmforge.interop.hf import export_hf
+
+    out = export_hf(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"wrote a Hugging Face model folder to {out}")
+    print(f"load it with: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) and AutoTokenizer")
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from lmforge.interop.gguf import export_gguf
+
+    out = export_gguf(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:,.1f} MB)")
+    print(f"run it with llama.cpp: llama-cli -m {out} -p \"...\"")
+
+
+def cmd_import_hf(args: argparse.Namespace) -> None:
+    from lmforge.interop.hf import import_hf
+
+    out = import_hf(args.hf_dir, args.out)
+    print(f"wrote an lmforge checkpoint to {out}")
+    print(f"next: lmforge generate {out} --prompt \"...\"")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from lmforge.quickstart import quickstart
 
@@ -247,6 +271,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_options(p)
     p.set_defaults(func=cmd_perplexity)
 
+    p = command("export", "export a checkpoint for other tools (Hugging Face transformers, llama.cpp)")
+    formats = p.add_subparsers(dest="format", metavar="FORMAT", parser_class=Parser)
+    formats.required = True
+    q = formats.add_parser("hf", help="a Hugging Face folder (GPT2LMHeadModel or LlamaForCausalLM + tokenizer)",
+                           description="Write a folder that transformers' AutoModelForCausalLM and AutoTokenizer "
+                                       "load as is.", formatter_class=_Formatter)
+    q.add_argument("checkpoint", help="checkpoint or run directory")
+    q.add_argument("out", metavar="OUT_DIR", help="folder to write")
+    q.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="precision of the weights")
+    q.set_defaults(func=cmd_export_hf)
+    q = formats.add_parser("gguf", help="one GGUF file for llama.cpp / Ollama (Llama-flavoured models)",
+                           description="Write a GGUF file with the tokenizer embedded (Llama-flavoured models "
+                                       "with a byte-level BPE tokenizer).", formatter_class=_Formatter)
+    q.add_argument("checkpoint", help="checkpoint or run directory")
+    q.add_argument("out", metavar="OUT.gguf", help="file to write")
+    q.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default="f16",
+                   help="precision of the matrices (norms stay f32)")
+    q.set_defaults(func=cmd_export_gguf)
+
+    p = command("import", "import a model from another format into an lmforge checkpoint")
+    formats = p.add_subparsers(dest="format", metavar="FORMAT", parser_class=Parser)
+    formats.required = True
+    q = formats.add_parser("hf", help="a local Hugging Face GPT-2, Llama or Mistral folder",
+                           description="Convert a local Hugging Face folder (config.json, safetensors or "
+                                       "pytorch_model.bin, tokenizer) into an lmforge checkpoint.",
+                           formatter_class=_Formatter)
+    q.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model folder")
+    q.add_argument("out", metavar="OUT_CHECKPOINT", help="checkpoint folder to write")
+    q.set_defaults(func=cmd_import_hf)
+
     p = command("quickstart", "train a small model end to end on an embedded corpus (no download)")
     p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="where everything is written")
     p.add_argument("--max-time", type=float, default=300.0, metavar="SECONDS", help="training time budget")
@@ -260,12 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _reject_unknown(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
+def _reject_unknown(parser: argparse.ArgumentParser, command: list[str], unknown: list[str]) -> None:
     """Exit with one line naming the unknown options, with a did-you-mean hint."""
     import difflib
 
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    sub = subparsers.choices[command]
+    sub = parser
+    for name in command:  # descend to the (sub)command that was used
+        subparsers = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction))
+        sub = subparsers.choices[name]
     known = [flag for action in sub._actions for flag in action.option_strings]
     flag = next((u.split("=")[0] for u in unknown if u.startswith("-")), unknown[0])
     close = difflib.get_close_matches(flag, known, n=1)
@@ -286,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        _reject_unknown(parser, args.command, unknown)
+        _reject_unknown(parser, [args.command] + ([args.format] if getattr(args, "format", None) else []), unknown)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
     try:

@@ -7,11 +7,14 @@ final ``os.replace`` is a rename within one file system), flushed to disk, then 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from lmforge.errors import CheckpointError
 
 
 def _umask() -> int:
@@ -95,3 +98,17 @@ def recover_directory(path: str | Path) -> None:
     old = path.with_name(f".{path.name}.old")
     if old.exists() and not path.exists():
         os.replace(old, path)
+
+
+def read_json_object(file: str | Path) -> dict:
+    """The JSON object in ``file``, or {} when there is no such file."""
+    file = Path(file)
+    if not file.is_file():
+        return {}
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} should hold a JSON object")
+    return value

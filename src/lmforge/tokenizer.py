@@ -21,12 +21,14 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.fileio import atomic_write_text
+from lmforge.fileio import atomic_write_text, read_json_object
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 KINDS = ("char", "bpe")
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 class Tokenizer:
@@ -48,6 +50,10 @@ class Tokenizer:
         for role, token in self.special.items():
             if self.hf.token_to_id(token) is None:
                 raise CheckpointError(f"tokenizer has no {role} token {token!r}")
+        # Whether the tokenizer's own rules start every text with bos (Llama's do; lmforge's and
+        # GPT-2's do not). lmforge then starts prompts and scored texts with it too.
+        bos = self.bos_id
+        self.adds_bos = bos is not None and self.hf.encode("a", add_special_tokens=True).ids[:1] == [bos]
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -100,25 +106,23 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(file))
         except Exception as exc:  # the Rust library raises plain Exception
             raise CheckpointError(f"{file} is not a valid tokenizer file: {exc}") from None
-        config_file = folder / TOKENIZER_CONFIG_FILE
-        config: dict = {}
-        if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from None
-        special = {role: _token_text(config.get(f"{role}_token")) for role in ("bos", "eos", "pad", "unk")}
+        config = read_json_object(folder / TOKENIZER_CONFIG_FILE)
+        token_map = read_json_object(folder / SPECIAL_TOKENS_MAP_FILE)  # older Hugging Face folders keep them here
+        special = {role: token_text(config.get(f"{role}_token", token_map.get(f"{role}_token")))
+                   for role in ("bos", "eos", "pad", "unk")}
         special = {role: token for role, token in special.items() if token}
-        if not config_file.is_file():  # a bare tokenizer.json of ours: find the tokens by name
+        if not config and not token_map:  # a bare tokenizer.json of ours: find the tokens by name
             special = {role: tok for role, tok in (("pad", PAD), ("bos", BOS), ("eos", EOS), ("unk", UNK))
                        if hf.token_to_id(tok) is not None}
-        return cls(hf, special, config.get("lmforge_kind", "unknown"), config.get("chat_template"))
+        chat_template = config.get("chat_template")
+        if (folder / CHAT_TEMPLATE_FILE).is_file():  # where transformers >= 4.47 saves it
+            chat_template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        if not isinstance(chat_template, str):  # a list of named templates: keep the default one
+            chat_template = next((t.get("template") for t in chat_template or [] if t.get("name") == "default"), None)
+        return cls(hf, special, config.get("lmforge_kind", "unknown"), chat_template)
 
-    def save(self, folder: str | Path) -> None:
-        """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder`` (atomically)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / TOKENIZER_FILE, self.hf.to_str(pretty=True))
+    def config_dict(self) -> dict:
+        """The Hugging Face style ``tokenizer_config.json`` contents."""
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "lmforge_kind": self.kind,
@@ -127,7 +131,15 @@ class Tokenizer:
         }
         if self.chat_template:
             config["chat_template"] = self.chat_template
-        atomic_write_text(folder / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        return config
+
+    def save(self, folder: str | Path) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder`` (atomically)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / TOKENIZER_FILE, self.hf.to_str(pretty=True))
+        atomic_write_text(folder / TOKENIZER_CONFIG_FILE,
+                          json.dumps(self.config_dict(), indent=2, ensure_ascii=False) + "\n")
 
     # ------------------------------------------------------------------ use
     @property
@@ -149,6 +161,14 @@ class Tokenizer:
     @property
     def pad_id(self) -> int | None:
         return self._id("pad")
+
+    @property
+    def start_ids(self) -> list[int]:
+        """The token(s) that stand for "start of a document": bos where the tokenizer adds it, else
+        the end-of-sequence token that separates documents in training data (GPT-2's convention)."""
+        if self.adds_bos:
+            return [self.bos_id]
+        return [self.eos_id if self.eos_id is not None else 0]
 
     @property
     def special_ids(self) -> set[int]:
@@ -173,9 +193,8 @@ class Tokenizer:
         return hashlib.sha256(self.hf.to_str().encode("utf-8")).hexdigest()[:16]
 
 
-def _token_text(value: object) -> str | None:
+def token_text(value: object) -> str | None:
     """HF configs store a special token as a string or as ``{"content": ...}``."""
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) and value else None
-

@@ -41,26 +41,36 @@ TRAIN_STATE_FILE = "train_state.pt"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with every shared tensor (e.g. a tied head) kept once, made contiguous."""
-    state, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tensor.shape, tensor.stride())
-        if key in seen:
-            continue
-        seen.add(key)
-        state[name] = tensor.detach().to("cpu", copy=True).contiguous()
-    return state
+def distinct_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every shared parameter (e.g. a tied head) kept once, under its first name."""
+    first: set[int] = set()
+    repeats = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            repeats.add(name)
+        first.add(id(parameter))
+    return {name: tensor for name, tensor in model.state_dict().items() if name not in repeats}
+
+
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """:func:`distinct_tensors` copied to the CPU, contiguous: what a checkpoint stores."""
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in distinct_tensors(model).items()}
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer,
                     train_state: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint directory atomically; returns its path."""
-    path = Path(path)
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    config = {"format": FORMAT, "lmforge_version": lmforge.__version__, "family": model.config.family,
-              "model": to_dict(model.config), **(info or {})}
-    state = _unique_state(model)
+    return save_weights_checkpoint(path, model.config, unique_state(model), tokenizer, train_state, info)
+
+
+def save_weights_checkpoint(path: str | Path, model_config: Any, state: dict[str, torch.Tensor],
+                            tokenizer: Tokenizer, train_state: dict[str, Any] | None = None,
+                            info: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint from a model config and its weights (a tied head stored once), atomically."""
+    path = Path(path)
+    config = {"format": FORMAT, "lmforge_version": lmforge.__version__, "family": model_config.family,
+              "model": to_dict(model_config), **(info or {})}
 
     def fill(folder: Path) -> None:
         save_file(state, str(folder / MODEL_FILE), metadata={"format": "pt"})
@@ -113,16 +123,21 @@ def load_weights(model: nn.Module, file: Path) -> None:
         state = load_file(str(file))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {file}: {exc}") from None
+    assign_weights(model, state, str(file))
+
+
+def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model`` after checking names and shapes (a tied head may be absent)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     tied = {name for name in missing if _is_tied(model, name)}
     unexpected = [k for k in state if k not in expected]
     if set(missing) - tied or unexpected:
-        raise CheckpointError(f"{file} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+        raise CheckpointError(f"{source} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
                               f"unexpected {unexpected[:5]}")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise CheckpointError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
+            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(expected[name].shape)}")
     model.load_state_dict(state, strict=False)
 

@@ -782,3 +782,21 @@ def test_is_hf_folder(bpe, gpt2_folder, tmp_path):
     (tmp_path / "list").mkdir()
     (tmp_path / "list" / "config.json").write_text("[1, 2]")
     assert not is_hf_folder(tmp_path / "list")
+
+
+def test_outputs_never_replace_user_files(bpe, llama_folder, tmp_path):
+    """Export and import replace an earlier output of their own kind, and refuse anything else."""
+    checkpoint = lmforge_checkpoint(tmp_path / "ck", "llama-gqa", bpe)
+    export_hf(checkpoint, tmp_path / "hf")
+    export_hf(checkpoint, tmp_path / "hf")  # a second export over the first is fine
+    import_hf(llama_folder, tmp_path / "imported")
+    import_hf(llama_folder, tmp_path / "imported")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    for convert, source in ((export_hf, checkpoint), (import_hf, llama_folder)):
+        with pytest.raises(CheckpointError, match="holds other files"):
+            convert(source, notes)
+    with pytest.raises(CheckpointError, match="holds other files"):
+        import_hf(llama_folder, tmp_path / "hf")  # an HF folder is not an lmforge checkpoint to replace
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]

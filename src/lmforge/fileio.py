@@ -112,3 +112,19 @@ def read_json_object(file: str | Path) -> dict:
     if not isinstance(value, dict):
         raise CheckpointError(f"{file} should hold a JSON object")
     return value
+
+
+def check_output_folder(path: str | Path, replaceable: Callable[[Path], bool]) -> None:
+    """Refuse to write a folder over a file, or over a non-empty folder that ``replaceable`` does not
+    recognise (an earlier output of the same kind may be replaced; anything else could be user data)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a folder; choose another output path")
+    if path.is_dir() and any(path.iterdir()) and not replaceable(path):
+        raise CheckpointError(f"{path} exists and holds other files; choose a new or empty output folder")
+
+
+def check_output_file(path: str | Path) -> None:
+    """Refuse to write a file where a folder is."""
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path} is a folder; give a file name for the output")

@@ -23,7 +23,7 @@ import numpy as np
 from torch import Tensor
 
 from lmforge.errors import ConfigError
-from lmforge.fileio import atomic_path
+from lmforge.fileio import atomic_path, check_output_file
 from lmforge.interop.hf import LLAMA, architecture_for, to_hf_state
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.checkpoint import load_model, unique_state
@@ -73,6 +73,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16") -> 
 
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    check_output_file(out)
     model, tokenizer, info = load_model(checkpoint)
     config = model.config
     if config.family != "decoder" or architecture_for(config) is not LLAMA:

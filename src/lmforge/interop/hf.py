@@ -38,7 +38,7 @@ import lmforge
 from lmforge.config import ModelConfig
 from lmforge.device import DTYPES
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.fileio import atomic_directory, read_json_object
+from lmforge.fileio import atomic_directory, check_output_folder, read_json_object
 from lmforge.models.decoder import DecoderLM
 from lmforge.tokenizer import (
     SPECIAL_TOKENS_MAP_FILE,
@@ -414,6 +414,7 @@ def _hf_checkpoint(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor], 
 
 def import_hf(folder: str | Path, out: str | Path) -> Path:
     """Convert a Hugging Face GPT-2 / Llama / Mistral folder into an lmforge checkpoint at ``out``."""
+    check_output_folder(out, lambda p: (p / CONFIG_FILE).is_file() and not is_hf_folder(p))
     config, state, tokenizer, info = _hf_checkpoint(folder)
     return save_weights_checkpoint(out, config, state, tokenizer, info=info)
 
@@ -434,6 +435,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> P
     model.safetensors, generation_config.json and the tokenizer files."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    check_output_folder(out, is_hf_folder)  # an earlier export may be replaced, nothing else
     model, tokenizer, _ = load_model(checkpoint)
     config = model.config
     if config.family != "decoder":

@@ -53,7 +53,7 @@ def tiny_pretrain_config(data: Path, out: Path, **train: object) -> PretrainConf
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, char_data) -> Path:
     """A tiny GPT-2 flavoured model trained for a few hundred steps: its run directory."""
-    from lmforge.training.pretrain import pretrain
+    from lmforge.recipes.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("run")
     pretrain(tiny_pretrain_config(char_data, out, max_steps=300, save_interval=0, eval_interval=100))

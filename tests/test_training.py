@@ -21,7 +21,7 @@ from lmforge.config import TrainConfig, to_dict
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.training.checkpoint import latest_checkpoint, load_model, prune_checkpoints, resolve_checkpoint
 from lmforge.training.optim import build_optimizer, learning_rate, parameter_groups
-from lmforge.training.pretrain import pretrain
+from lmforge.recipes.pretrain import pretrain
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from lmforge.config import SamplingConfig
+from lmforge.data.formats import chat_prompt_ids, to_messages
 from lmforge.device import select_device, select_dtype
-from lmforge.errors import ConfigError, RequestError
+from lmforge.errors import ConfigError, DataError, RequestError
 from lmforge.inference.detokenize import TextStream
 from lmforge.inference.generate import TokenGenerator
 from lmforge.interop.hf import is_hf_folder, load_hf
@@ -110,8 +111,8 @@ class LanguageModel:
         """Generate for one prompt or a batch; returns ``len(prompts) * num_samples`` completions,
         the samples of each prompt together. Keyword arguments are :class:`SamplingConfig` fields."""
         config = sampling_config(sampling)
-        return [event for event in self._events(_as_list(prompts), config, truncate)
-                if isinstance(event, Completion)]
+        encoded = [self.encode_prompt(p, truncate, config.max_new_tokens) for p in _as_list(prompts)]
+        return [event for event in self._events(encoded, config) if isinstance(event, Completion)]
 
     def generate(self, prompt: str | list[str], truncate: bool = False, **sampling: Any) -> Any:
         """Generated text: a string for one prompt, a list of strings for a list of prompts; with
@@ -126,14 +127,45 @@ class LanguageModel:
         config = sampling_config(sampling)
         if config.num_samples != 1:
             raise ConfigError("stream() draws one sample; use generate() for num_samples > 1")
-        for event in self._events([prompt], config, truncate):
+        for event in self._events([self.encode_prompt(prompt, truncate, config.max_new_tokens)], config):
             if isinstance(event, tuple):
                 yield event[1]
 
-    def _events(self, prompts: list[str], config: SamplingConfig,
-                truncate: bool) -> Iterator[tuple[int, str] | Completion]:
-        """Yield ``(row, text piece)`` as text becomes final, then one :class:`Completion` per row."""
-        encoded = [self.encode_prompt(p, truncate, config.max_new_tokens) for p in prompts]
+    # ------------------------------------------------------------------ chat
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation (``[{"role": "system"|"user"|"assistant", "content": ...}]``)
+        rendered by the tokenizer's chat template (lmforge's default one if it has none), ending
+        with the cue for the assistant's answer."""
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list of {role, content} objects")
+        try:
+            return chat_prompt_ids(self.tokenizer, to_messages({"messages": messages}, "chat"))
+        except DataError as exc:
+            raise RequestError(str(exc)) from None
+
+    def chat(self, messages: list[dict[str, str]], **sampling: Any) -> Completion:
+        """The assistant's next message for a conversation (see :meth:`chat_prompt`)."""
+        config = sampling_config({**sampling, "num_samples": 1})
+        return next(e for e in self._events([self._fit(self.chat_prompt(messages), config)], config)
+                    if isinstance(e, Completion))
+
+    def stream_chat(self, messages: list[dict[str, str]], **sampling: Any) -> Iterator[str]:
+        """Yield the assistant's next message piece by piece."""
+        config = sampling_config({**sampling, "num_samples": 1})
+        for event in self._events([self._fit(self.chat_prompt(messages), config)], config):
+            if isinstance(event, tuple):
+                yield event[1]
+
+    def _fit(self, ids: list[int], config: SamplingConfig) -> tuple[list[int], int]:
+        if len(ids) > self.context_length:
+            raise RequestError(f"the conversation is {len(ids)} tokens long but the model's context is "
+                               f"{self.context_length} tokens")
+        return ids, 0
+
+    def _events(self, encoded: list[tuple[list[int], int]],
+                config: SamplingConfig) -> Iterator[tuple[int, str] | Completion]:
+        """Yield ``(row, text piece)`` as text becomes final, then one :class:`Completion` per row.
+        ``encoded`` holds ``(prompt ids, tokens truncation dropped)`` per prompt."""
         rows = [ids for ids, _ in encoded for _ in range(config.num_samples)]
         dropped = [n for _, n in encoded for _ in range(config.num_samples)]
         streams = [TextStream(self.tokenizer, config.stop) for _ in rows]

@@ -77,8 +77,8 @@ def _pretrain_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int | None:
+    from lmforge.recipes.pretrain import check_inputs, pretrain
     from lmforge.training.distributed import launch
-    from lmforge.training.pretrain import check_inputs, pretrain
 
     config = _pretrain_config(args)
     config.validate()
@@ -94,6 +94,51 @@ def cmd_pretrain(args: argparse.Namespace) -> int | None:
         print(f"checkpoints:   {result.final_checkpoint} (last), {result.best_checkpoint} (best val loss)")
         print(f"next: lmforge generate {result.run_dir} --prompt \"...\"")
     return None
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lmforge.config import FinetuneConfig, read_config_file
+    from lmforge.options import build_dataclass, deep_merge, namespace_to_dict
+    from lmforge.recipes.finetune import finetune
+
+    values: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    if isinstance(values.get("data"), str):
+        values["data"] = {"path": values["data"]}
+    overrides = namespace_to_dict(args, keep=("checkpoint", "out", "data", "train", "lora", "eval", "resume"))
+    config = build_dataclass(FinetuneConfig, deep_merge(values, overrides))
+    result = finetune(config)
+    metrics = result.metrics
+    print(f"trained {result.step:,} steps ({result.tokens:,} tokens) in {result.elapsed:.1f} s; held-out response "
+          f"loss {metrics['val_loss']:.4f}, perplexity {metrics['val_ppl']:.2f}")
+    print(f"run directory: {result.run_dir}  (config.yaml, metrics.jsonl, tensorboard/, loss.png)")
+    print(f"checkpoints:   {result.final_checkpoint} (last), {result.best_checkpoint} (best held-out loss)")
+    if config.lora.enabled:
+        print(f"LoRA adapters only; fold them into full weights with: lmforge merge-lora {result.best_checkpoint} OUT")
+    print(f"next: lmforge chat {result.run_dir}")
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> None:
+    from lmforge.models.lora import has_lora, merge_lora
+    from lmforge.training.checkpoint import load_model, resolve_checkpoint, save_checkpoint
+
+    source = resolve_checkpoint(args.checkpoint)
+    model, tokenizer, info = load_model(source)
+    if not has_lora(model):
+        raise ConfigError(f"{source} has no LoRA adapters to merge")
+    merge_lora(model)
+    keep = {k: v for k, v in info.items() if k not in ("format", "lmforge_version", "family", "model", "lora", "base")}
+    out = save_checkpoint(args.out, model, tokenizer, info={**keep, "merged_from": str(source.resolve())})
+    print(f"wrote a full checkpoint with the adapters merged to {out}")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from lmforge.api import LanguageModel, sampling_config
+    from lmforge.chat import chat_loop
+
+    options = {name: getattr(args, name) for name in _sampling_names() if hasattr(args, name)}
+    sampling_config(options)  # validate before the (slower) model load
+    lm = LanguageModel.load(args.checkpoint, device=args.device, dtype=args.dtype)
+    chat_loop(lm, options, system=args.system)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -207,7 +252,7 @@ def _add_device_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmforge.config import PretrainConfig, SamplingConfig
+    from lmforge.config import FinetuneConfig, PretrainConfig, SamplingConfig
     from lmforge.options import add_arguments
 
     parser = Parser(prog="lmforge", formatter_class=_Formatter,
@@ -250,6 +295,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="same as --train.max_time (seconds)")
     add_arguments(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
+
+    p = command("finetune", "fine-tune a checkpoint on instructions, chats, prompt/completion pairs or text",
+                "Fine-tune a checkpoint (full or LoRA) through the same training loop as pretraining. Options "
+                "come from --config FILE (YAML), overridden by flags; every YAML key is also a flag.")
+    p.add_argument("checkpoint", nargs="?", default=argparse.SUPPRESS,
+                   help="base checkpoint or run directory, or a Hugging Face folder")
+    p.add_argument("--config", metavar="FILE", help="YAML file with checkpoint, data, out, train, lora, eval")
+    p.add_argument("--data", dest="data.path", default=argparse.SUPPRESS, metavar="FILE",
+                   help="same as --data.path: JSONL/JSON (chat, alpaca, prompt/completion, text) or a text file")
+    add_arguments(p, FinetuneConfig, skip=("checkpoint",))
+    p.set_defaults(func=cmd_finetune)
+
+    p = command("merge-lora", "fold a LoRA checkpoint's adapters into full weights")
+    p.add_argument("checkpoint", help="LoRA checkpoint or run directory")
+    p.add_argument("out", metavar="OUT_CHECKPOINT", help="checkpoint folder to write")
+    p.set_defaults(func=cmd_merge_lora)
+
+    p = command("chat", "chat with a checkpoint in the terminal (streaming; /reset, /exit)")
+    p.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face folder")
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system message opening the conversation")
+    add_arguments(p, SamplingConfig, flat=True)
+    _add_device_options(p)
+    p.set_defaults(func=cmd_chat)
 
     p = command("generate", "generate text from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint or run directory")

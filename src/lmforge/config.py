@@ -169,6 +169,44 @@ class TrainConfig:
             raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "head")
+LORA_GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"), "all": LORA_TARGETS}
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters: which linear layers get them, their rank, scaling and dropout."""
+
+    r: int = option(0, "LoRA rank; 0 (the default) fine-tunes all weights instead")
+    alpha: float = option(16.0, "LoRA scaling: adapter updates are multiplied by alpha / r")
+    dropout: float = option(0.0, "dropout on the adapters' input during training")
+    targets: list[str] = option(["q", "k", "v", "o"], "layers that get adapters: q, k, v, o, gate, up, down, "
+                                                     "head, or the groups attn, mlp, all")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def target_names(self) -> tuple[str, ...]:
+        """The targets with groups expanded, in a fixed order."""
+        names = set()
+        for target in self.targets:
+            names.update(LORA_GROUPS.get(target, (target,)))
+        return tuple(t for t in LORA_TARGETS if t in names)
+
+    def validate(self) -> None:
+        _check_positive("lora.r", self.r, allow_zero=True)
+        _check_positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), not {self.dropout}")
+        if not self.targets:
+            raise ConfigError("lora.targets is empty")
+        for target in self.targets:
+            if target not in LORA_TARGETS and target not in LORA_GROUPS:
+                raise ConfigError(f"unknown lora target {target!r}; choose from "
+                                  f"{', '.join(LORA_TARGETS + tuple(LORA_GROUPS))}")
+
+
 @dataclass
 class PretrainConfig:
     """A pretraining run: prepared data, a model, training options and an output directory."""
@@ -186,6 +224,69 @@ class PretrainConfig:
         _check_positive("nproc", self.nproc)
         self.model.validate()
         self.train.validate()
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    """:class:`TrainConfig` with defaults for fine-tuning (smaller rate and budget, evaluation in examples)."""
+
+    lr: float = option(3e-4, "peak learning rate")
+    warmup_steps: int = option(20, "linear warm-up steps")
+    weight_decay: float = option(0.0, "weight decay of 2-D weights (matrices, embeddings); never norms or biases")
+    batch_size: int = option(8, "examples per micro-batch on each process")
+    max_steps: int | None = option(300, "stop after this many optimiser steps")
+    eval_interval: int = option(50, "evaluate every this many steps (0: only at the end)")
+    eval_windows: int | None = option(200, "held-out examples evaluated during training (none: all)")
+    final_eval_windows: int | None = option(None, "held-out examples for the final evaluation (none: all)")
+    save_interval: int = option(100, "save a checkpoint every this many steps (0: only at the end)")
+
+
+@dataclass
+class FinetuneDataConfig:
+    """What a fine-tuning run learns from."""
+
+    path: str | None = option(None, "training data: JSONL/JSON (chat, alpaca, prompt/completion, text) or a text file")
+    val_path: str | None = option(None, "held-out data in the same format (default: a share of the training data)")
+    val_fraction: float = option(0.05, "share of the training examples held out when no val_path is given")
+    format: str = option("auto", "auto (from the fields), chat, alpaca, prompt_completion or text")
+    train_on_prompt: bool = option(False, "also compute the loss on prompt tokens (default: responses only)")
+    packing: bool = option(False, "pack several examples into each context-length sequence")
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ConfigError("no data: give --data FILE or 'data: {path: ...}' in the config")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), not {self.val_fraction}")
+
+
+@dataclass
+class FinetuneEvalConfig:
+    """Generation metrics on held-out examples during fine-tuning (besides the held-out loss)."""
+
+    examples: int = option(0, "held-out examples to generate answers for at each evaluation (0: none)")
+    max_new_tokens: int = option(64, "most tokens generated per answer")
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run: a base checkpoint, data, training options, optional LoRA, an output directory."""
+
+    checkpoint: str | None = option(None, "base checkpoint (lmforge checkpoint/run directory or Hugging Face folder)")
+    out: str = option("runs/finetune", "run directory for checkpoints, metrics and plots")
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+    resume: bool = option(False, "continue from the last checkpoint in the run directory")
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("no base checkpoint: give CHECKPOINT or 'checkpoint:' in the config")
+        self.data.validate()
+        self.train.validate()
+        self.lora.validate()
+        _check_positive("eval.examples", self.eval.examples, allow_zero=True)
+        _check_positive("eval.max_new_tokens", self.eval.max_new_tokens)
 
 
 @dataclass

@@ -33,7 +33,7 @@ def quickstart(out: str | Path = "runs/quickstart", max_time: float = 300.0, inp
                model: str | None = None, samples: tuple[str, ...] = SAMPLE_PROMPTS) -> dict:
     """Run the quickstart; returns a summary (paths and numbers)."""
     from lmforge.api import LanguageModel
-    from lmforge.training.pretrain import pretrain
+    from lmforge.recipes.pretrain import pretrain
 
     started = time.monotonic()
     out = Path(out)

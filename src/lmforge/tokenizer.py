@@ -14,6 +14,7 @@ names the special tokens. Text is always encoded *literally*: a user's text that
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class Tokenizer:
         self.kind = kind
         self.chat_template = chat_template
         self.hf.encode_special_tokens = True  # user text containing "<|eos|>" stays literal text
+        self._special_pattern: re.Pattern | bool | None = None  # built by encode_with_special
         for role, token in self.special.items():
             if self.hf.token_to_id(token) is None:
                 raise CheckpointError(f"tokenizer has no {role} token {token!r}")
@@ -177,6 +179,23 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens added)."""
         return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_with_special(self, text: str) -> list[int]:
+        """Token ids of text in which special-token strings (``<|eos|>``, ...) stand for the special
+        tokens: for text rendered by a chat template, never for users' own text."""
+        if self._special_pattern is None:
+            tokens = sorted({t.content for t in self.hf.get_added_tokens_decoder().values() if t.special},
+                            key=len, reverse=True)
+            self._special_pattern = re.compile("(" + "|".join(map(re.escape, tokens)) + ")") if tokens else False
+        if not self._special_pattern:
+            return self.encode(text)
+        ids: list[int] = []
+        for i, part in enumerate(self._special_pattern.split(text)):
+            if i % 2:
+                ids.append(self.hf.token_to_id(part))
+            elif part:
+                ids += self.encode(part)
+        return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of several texts, encoded in parallel by the Rust library."""

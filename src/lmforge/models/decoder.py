@@ -300,6 +300,35 @@ class DecoderLM(nn.Module):
                 total -= self.lm_head.weight.numel()
         return total
 
+    def linear_targets(self) -> dict[str, list[tuple[str, slice | None]]]:
+        """Where each LoRA target lives: target name -> [(module path, output rows or None for all)].
+
+        Paths are as in ``named_modules()``. Fused projections are shared: q, k, v are row slices of
+        ``qkv_proj`` (n_head*D, then n_kv_head*D twice) and SwiGLU's gate, up are the two halves of
+        ``gate_up_proj``. Targets this model lacks (``gate`` in a GELU MLP) are absent.
+        """
+        c = self.config
+        q_rows, kv_rows, hidden = c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.intermediate_size
+        targets: dict[str, list[tuple[str, slice | None]]] = {}
+
+        def add(name: str, path: str, rows: slice | None = None) -> None:
+            targets.setdefault(name, []).append((path, rows))
+
+        for i in range(c.n_layer):
+            attn, mlp = f"blocks.{i}.attn", f"blocks.{i}.mlp"
+            add("q", f"{attn}.qkv_proj", slice(0, q_rows))
+            add("k", f"{attn}.qkv_proj", slice(q_rows, q_rows + kv_rows))
+            add("v", f"{attn}.qkv_proj", slice(q_rows + kv_rows, q_rows + 2 * kv_rows))
+            add("o", f"{attn}.o_proj")
+            if c.mlp == "swiglu":
+                add("gate", f"{mlp}.gate_up_proj", slice(0, hidden))
+                add("up", f"{mlp}.gate_up_proj", slice(hidden, 2 * hidden))
+            else:
+                add("up", f"{mlp}.up_proj")
+            add("down", f"{mlp}.down_proj")
+        add("head", "lm_head")
+        return targets
+
     def flops_per_token(self, training: bool = True) -> float:
         """Estimated FLOPs to process one token at full context (PaLM appendix B).
 

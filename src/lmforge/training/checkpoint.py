@@ -2,7 +2,8 @@
 
 A checkpoint directory holds::
 
-    model.safetensors        weights (fp32; a tied head is stored once)
+    model.safetensors        weights (fp32; a tied head is stored once), or for LoRA runs
+    adapter.safetensors      only the adapters, beside a reference to the base checkpoint
     config.json              format, lmforge version, model family and architecture, training step
     tokenizer.json (+config) the tokenizer
     train_state.pt           (training runs) optimiser, step, RNG states, budgets; loaded with
@@ -28,14 +29,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lmforge
-from lmforge.config import to_dict
+from lmforge.config import LoraConfig, to_dict
 from lmforge.errors import CheckpointError
 from lmforge.fileio import atomic_directory, recover_directory
 from lmforge.models import build_model, config_from_dict
+from lmforge.models.lora import apply_lora, has_lora, load_lora_state_dict, lora_state_dict
 from lmforge.tokenizer import Tokenizer
 
 FORMAT = "lmforge-checkpoint-v1"
 MODEL_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "config.json"
 TRAIN_STATE_FILE = "train_state.pt"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -61,19 +64,25 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer,
                     train_state: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint directory atomically; returns its path."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    if has_lora(model):
+        if not info or "lora" not in info or "base" not in info:
+            raise CheckpointError("a LoRA checkpoint needs its lora config and base reference in info")
+        return save_weights_checkpoint(path, model.config, {k: v.to("cpu", copy=True).contiguous()
+                                                            for k, v in lora_state_dict(model).items()},
+                                       tokenizer, train_state, info, weights_file=ADAPTER_FILE)
     return save_weights_checkpoint(path, model.config, unique_state(model), tokenizer, train_state, info)
 
 
 def save_weights_checkpoint(path: str | Path, model_config: Any, state: dict[str, torch.Tensor],
                             tokenizer: Tokenizer, train_state: dict[str, Any] | None = None,
-                            info: dict[str, Any] | None = None) -> Path:
+                            info: dict[str, Any] | None = None, weights_file: str = MODEL_FILE) -> Path:
     """Write a checkpoint from a model config and its weights (a tied head stored once), atomically."""
     path = Path(path)
-    config = {"format": FORMAT, "lmforge_version": lmforge.__version__, "family": model_config.family,
-              "model": to_dict(model_config), **(info or {})}
+    config = {**(info or {}), "format": FORMAT, "lmforge_version": lmforge.__version__,
+              "family": model_config.family, "model": to_dict(model_config)}
 
     def fill(folder: Path) -> None:
-        save_file(state, str(folder / MODEL_FILE), metadata={"format": "pt"})
+        save_file(state, str(folder / weights_file), metadata={"format": "pt"})
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         tokenizer.save(folder)
         if train_state is not None:
@@ -89,7 +98,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     file = path / CONFIG_FILE
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory: expected an lmforge checkpoint or run directory")
-    if not file.is_file() or not (path / MODEL_FILE).is_file():
+    if not file.is_file() or not ((path / MODEL_FILE).is_file() or (path / ADAPTER_FILE).is_file()):
         raise CheckpointError(f"{path} is not an lmforge checkpoint (no {CONFIG_FILE} and {MODEL_FILE})")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
@@ -112,9 +121,57 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
     if model_config.vocab_size < tokenizer.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{model_config.vocab_size}")
-    model = build_model(model_config)
-    load_weights(model, path / MODEL_FILE)
+    if "lora" in config:  # the base model, then its adapters (unmerged)
+        model, _, _ = load_model(base_checkpoint(path, config))
+        apply_lora(model, LoraConfig(**config["lora"]))
+    else:
+        model = build_model(model_config)
+    load_checkpoint_weights(model, path)
     return model.to(device).eval(), tokenizer, config
+
+
+def load_checkpoint_weights(model: nn.Module, path: Path) -> None:
+    """Load a checkpoint's weights into ``model``: all of them, or only the adapters of a LoRA checkpoint."""
+    if has_lora(model):
+        try:
+            state = load_file(str(path / ADAPTER_FILE))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read {path / ADAPTER_FILE}: {exc}") from None
+        load_lora_state_dict(model, state)
+    else:
+        load_weights(model, path / MODEL_FILE)
+
+
+def fingerprint(path: str | Path) -> str:
+    """A quick identity of a checkpoint's weights: size and hashes of the first and last MiB."""
+    import hashlib
+
+    file = Path(path) / MODEL_FILE
+    size = file.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with file.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def base_reference(path: str | Path) -> dict[str, str]:
+    """What a LoRA checkpoint records about its base: the path and a fingerprint of its weights."""
+    path = resolve_checkpoint(path).resolve()
+    return {"path": str(path), "fingerprint": fingerprint(path)}
+
+
+def base_checkpoint(path: Path, config: dict[str, Any]) -> Path:
+    """The base checkpoint of a LoRA checkpoint, checked to be the one it was trained on."""
+    base = config.get("base") or {}
+    base_path = Path(base.get("path", ""))
+    if not base.get("path") or not (base_path / MODEL_FILE).is_file():
+        raise CheckpointError(f"{path} is a LoRA checkpoint whose base checkpoint {base.get('path')} is missing; "
+                              f"put it back, or merge the adapters while it exists ('lmforge merge-lora')")
+    if fingerprint(base_path) != base.get("fingerprint"):
+        raise CheckpointError(f"the base checkpoint {base_path} has changed since {path} was trained on it")
+    return base_path
 
 
 def load_weights(model: nn.Module, file: Path) -> None:

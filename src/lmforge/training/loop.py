@@ -31,10 +31,9 @@ from lmforge.device import autocast, dtype_name, select_device, select_dtype
 from lmforge.progress import progress_bar
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.checkpoint import (
-    MODEL_FILE,
     latest_checkpoint,
+    load_checkpoint_weights,
     load_train_state,
-    load_weights,
     prune_checkpoints,
     save_checkpoint,
 )
@@ -285,7 +284,7 @@ class _Trainer:
                 log.info("nothing to resume in %s: starting from scratch", self.run_dir)
             return None
         state = load_train_state(path)
-        load_weights(self.model, path / MODEL_FILE)
+        load_checkpoint_weights(self.model, path)
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,681 @@
+"""Evaluation tasks: run a language model over a data file and compute metrics.
+
+>>> from lmforge import LanguageModel
+>>> from lmforge.evaluation import evaluate, format_table
+>>> lm = LanguageModel.load("runs/quickstart")
+>>> report = evaluate(lm, "qa", "squad.jsonl", limit=50)
+>>> print(format_table([report]))
+
+Tasks (:data:`TASKS`; :data:`TASK_METRICS` lists what each reports):
+
+``perplexity``
+    Text files (each one document) or JSON(L) records with a text field. Token-weighted over
+    documents: ``loss`` is the mean negative log-likelihood per token (nats), ``perplexity`` its
+    exponential, ``tokens`` the count. Scored with :meth:`LanguageModel.token_logprobs`.
+``generation``
+    Records in a fine-tuning format (chat, alpaca, prompt/completion; see
+    :mod:`lmforge.data.formats`), or any JSON records with ``prompt_template`` + ``reference_field``.
+    Greedy generation by default, compared with the reference: ``bleu``, ``chrf``, ``rouge1/2/L``
+    (0-100), ``eos_rate`` (share of generations that ended with the end-of-sequence token, i.e. the
+    model learnt to stop) and ``mean_new_tokens``.
+``qa``
+    SQuAD-style records ``{context, question, answers: {text: [...]}}`` (or ``answers`` as a list of
+    strings), asked through :data:`QA_TEMPLATE`; greedy answer up to a newline; SQuAD
+    ``exact_match`` and ``f1`` (0-100). Contexts too long for the model lose their start; the
+    report's ``truncated`` counts them.
+``classification``
+    JSONL, CSV or TSV with a text column (``text`` or ``sentence``) and a ``label`` column.
+    Zero-shot: every candidate label is scored by log P(label | prompt) (:func:`label_scores`) and
+    the best one wins: ``accuracy``, ``macro_f1`` (0-1).
+``diversity``
+    Open-ended sampling (temperature 1) from prompts in a file, or from nothing: ``distinct_1``,
+    ``distinct_2``, ``vocabulary_coverage`` (0-1), ``self_bleu`` (0-100, lower is more diverse).
+
+Every task returns a report ``{"task", "data", "examples", "metrics": {...}, "seconds", ...}``;
+:func:`format_table` prints reports, :func:`write_report` saves them as JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmforge.config import SamplingConfig
+from lmforge.data.formats import prompt_and_reference, read_records, record_format
+from lmforge.errors import ConfigError, DataError
+from lmforge.evaluation import metrics as M
+from lmforge.evaluation.generation import Generation, eval_mode, generate_ids, make_sampling
+from lmforge.fileio import atomic_write_text, check_output_file
+from lmforge.progress import progress_bar
+from lmforge.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # evaluation sits below the API layer: it only uses a LanguageModel it is given
+    from lmforge.api import LanguageModel
+
+DataPaths = str | Path | Sequence[str | Path] | None
+
+#: How a QA example is put to the model; the answer is generated after it, up to a newline.
+QA_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
+
+#: How a text and a candidate label are joined for zero-shot classification. ``{label}`` comes last;
+#: the spaces before it belong to the label (so BPE sees " positive" as in running text).
+CLASSIFICATION_TEMPLATE = "Text: {text}\nLabel: {label}"
+
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "perplexity": ("perplexity", "loss", "tokens"),
+    "generation": ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "eos_rate", "mean_new_tokens"),
+    "qa": ("exact_match", "f1"),
+    "classification": ("accuracy", "macro_f1"),
+    "diversity": ("distinct_1", "distinct_2", "self_bleu", "vocabulary_coverage", "mean_new_tokens"),
+}
+TASKS = tuple(TASK_METRICS)
+SAMPLES_IN_REPORT = 3  # a few examples of predictions kept in each report, to eyeball
+
+
+# ------------------------------------------------------------------------------------------
+# Data files
+# ------------------------------------------------------------------------------------------
+def data_paths(data: DataPaths) -> list[Path]:
+    """``data`` as a list of existing files (None: no files)."""
+    if data is None:
+        return []
+    items = [data] if isinstance(data, (str, Path)) else list(data)
+    paths = [Path(p) for p in items]
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"data file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    return paths
+
+
+def _records(data: DataPaths, task: str) -> list[dict[str, Any]]:
+    paths = data_paths(data)
+    if not paths:
+        raise DataError(f"the {task} task needs a data file")
+    return [record for path in paths for record in read_records(path)]
+
+
+def _limited(items: list[Any], limit: int | None) -> list[Any]:
+    return items if limit is None else items[:limit]
+
+
+def _text(value: Any, what: str, number: int) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"record {number}: {what} must be text, not {type(value).__name__}")
+    return value
+
+
+FieldName = str | int
+
+
+def read_labelled(path: str | Path, text_field: FieldName | Sequence[FieldName] | None = None,
+                  label_field: FieldName = "label") -> list[tuple[str, str]]:
+    """``(text, label)`` pairs of a JSON(L), CSV or TSV file; labels as strings.
+
+    Columns are found by name in JSON records and in the header row of CSV/TSV files; the text
+    column defaults to ``text``, else ``sentence``. For files without a header give the columns as
+    0-based numbers. Several text columns (a list) are joined with a space (e.g. title + body).
+    """
+    path = Path(path)
+    fields = list(text_field) if isinstance(text_field, (list, tuple)) else [text_field]
+    numbered = any(isinstance(f, int) for f in [*fields, label_field])
+    if numbered and not all(isinstance(f, int) for f in [*fields, label_field]):
+        raise ConfigError("give text_field and label_field either both as column names (files with a header) "
+                          "or both as 0-based column numbers (files without one)")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        if not path.is_file():
+            raise DataError(f"data file {path} does not exist")
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                if suffix == ".tsv":
+                    rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+                else:
+                    rows = list(csv.reader(f))
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"cannot read {path}: {exc}") from None
+        rows = [row for row in rows if row]
+        if not rows:
+            raise DataError(f"{path} holds no examples")
+        if numbered:  # no header: columns by position
+            table = rows
+            columns = {i: i for i in range(max(len(r) for r in rows))}
+        else:
+            header, table = rows[0], rows[1:]
+            columns = {name: i for i, name in enumerate(header)}
+        records: list[dict[Any, Any]] = [{key: row[i] for key, i in columns.items() if i < len(row)}
+                                         for row in table]
+        where = f"the columns of {path} ({', '.join(map(str, columns))})"
+    else:
+        records = read_records(path)
+        if numbered:
+            raise DataError(f"{path}: JSON records name their fields; column numbers are for CSV/TSV files")
+        where = f"the records of {path}"
+    if not records:
+        raise DataError(f"{path} holds no examples")
+    first = records[0]
+    if fields == [None]:
+        found = next((name for name in ("text", "sentence") if name in first), None)
+        if found is None:
+            raise DataError(f"no text column (text or sentence) in {where}; set text_field (a name, or a "
+                            f"0-based column number for files without a header)")
+        fields = [found]
+    for name in [*fields, label_field]:
+        if name not in first:
+            raise DataError(f"no column {name!r} in {where}; set text_field/label_field (names, or 0-based "
+                            f"column numbers for files without a header)")
+    pairs = []
+    for number, record in enumerate(records, 1):
+        if any(name not in record for name in [*fields, label_field]):
+            raise DataError(f"{path}, example {number}: missing a text or label column")
+        text = " ".join(_text(record[name], f"column {name!r}", number) for name in fields)
+        label = record[label_field]
+        if label is None or isinstance(label, (dict, list)):
+            raise DataError(f"{path}, example {number}: the label must be a string or number, not {label!r}")
+        pairs.append((text, str(label).strip()))
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------
+# Perplexity
+# ------------------------------------------------------------------------------------------
+def run_perplexity(lm: LanguageModel, data: DataPaths, *, limit: int | None = None, progress: bool = True,
+                   text_field: str = "text", stride: int | None = None) -> dict[str, Any]:
+    """Token-weighted perplexity over documents (whole text files, or ``text_field`` of JSON records)."""
+    records = _limited(_records(data, "perplexity"), limit)
+    texts = [_text(r.get(text_field), f"field {text_field!r}", n) for n, r in enumerate(records, 1)]
+    total_nll, tokens = 0.0, 0
+    bar = progress_bar(len(texts), "eval perplexity", unit="doc", enabled=progress)
+    try:
+        for text in texts:
+            if text:
+                logprobs = lm.token_logprobs(text, stride=stride).double()
+                total_nll -= float(logprobs.sum())
+                tokens += len(logprobs)
+            bar.update(1)
+            if tokens:
+                bar.set_postfix_str(f"ppl {math.exp(total_nll / tokens):.3f}")
+    finally:
+        bar.close()
+    if not tokens:
+        raise DataError("the perplexity data holds no text")
+    loss = total_nll / tokens
+    return {"examples": len(texts), "metrics": {"perplexity": math.exp(loss), "loss": loss, "tokens": tokens}}
+
+
+# ------------------------------------------------------------------------------------------
+# Generation compared with references
+# ------------------------------------------------------------------------------------------
+def generation_examples(records: list[dict[str, Any]], tokenizer: Tokenizer, format: str = "auto",
+                        prompt_template: str | None = None,
+                        reference_field: str | None = None) -> list[tuple[list[int], str]]:
+    """``(prompt ids, reference)`` per record: through :func:`prompt_and_reference` (chat, alpaca,
+    prompt/completion records), or with ``prompt_template`` (``str.format`` over the record's fields,
+    e.g. ``"{document}\\nSubject:"``) and the reference from ``reference_field``."""
+    if (prompt_template is None) != (reference_field is None):
+        raise ConfigError("prompt_template and reference_field go together: give both or neither")
+    examples = []
+    if prompt_template is not None:
+        head = tokenizer.start_ids if tokenizer.adds_bos else []
+        for number, record in enumerate(records, 1):
+            try:
+                prompt = prompt_template.format_map(record)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise DataError(f"record {number}: prompt_template {prompt_template!r} does not fit the record's "
+                                f"fields {sorted(record)}: {exc!r}") from None
+            reference = _text(record.get(reference_field), f"field {reference_field!r}", number)
+            examples.append((head + tokenizer.encode(prompt), reference))
+        return examples
+    fmt = record_format(records, format)
+    for number, record in enumerate(records, 1):
+        try:
+            examples.append(prompt_and_reference(record, fmt, tokenizer))
+        except DataError as exc:
+            raise DataError(f"record {number}: {exc}") from None
+    return examples
+
+
+def generation_metrics(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequence[tuple[Sequence[int], str]],
+                       sampling: SamplingConfig | None = None, batch_size: int = 16, progress: Any = None,
+                       **options: Any) -> tuple[dict[str, float], list[Generation]]:
+    """Generate from each example's prompt ids (greedy unless ``sampling``/``options`` say otherwise)
+    and compare with its reference: ``bleu``, ``chrf``, ``rouge1``, ``rouge2``, ``rougeL`` (0-100),
+    ``eos_rate`` and ``mean_new_tokens``. Works on a bare model and tokenizer (a training loop's
+    model is put in eval mode for the call and restored). Returns the metrics and the generations."""
+    if not examples:
+        raise DataError("no examples to generate for")
+    if sampling is None:
+        options.setdefault("temperature", 0.0)
+    config = make_sampling(sampling, **options)
+    if config.num_samples != 1:
+        raise ConfigError("the generation task compares one generation per example with its reference; "
+                          "num_samples must be 1")
+    generations = generate_ids(model, tokenizer, [p for p, _ in examples], config, batch_size, progress)
+    hypotheses = [g.text.strip() for g in generations]
+    references = [r.strip() for _, r in examples]
+    results = {"bleu": M.bleu(hypotheses, references), "chrf": M.chrf(hypotheses, references),
+               **M.rouge(hypotheses, references),
+               "eos_rate": sum(g.finish_reason == "eos" for g in generations) / len(generations),
+               "mean_new_tokens": sum(len(g.token_ids) for g in generations) / len(generations)}
+    return results, generations
+
+
+def run_generation(lm: LanguageModel, data: DataPaths, *, limit: int | None = None, progress: bool = True,
+                   format: str = "auto", prompt_template: str | None = None, reference_field: str | None = None,
+                   batch_size: int = 16, **sampling: Any) -> dict[str, Any]:
+    """Generate for fine-tuning records and compare with their references (see
+    :func:`generation_metrics`); ``sampling`` holds :class:`SamplingConfig` fields (default greedy,
+    ``max_new_tokens`` 128)."""
+    records = _limited(_records(data, "generation"), limit)
+    config = make_sampling(None, **{"temperature": 0.0, **sampling})  # checked before the slow part
+    examples = generation_examples(records, lm.tokenizer, format, prompt_template, reference_field)
+    bar = progress_bar(len(examples), "eval generation", unit="example", enabled=progress)
+    try:
+        results, generations = generation_metrics(lm.model, lm.tokenizer, examples, config, batch_size, bar)
+    finally:
+        bar.close()
+    samples = [{"prediction": g.text, "reference": ref, "finish_reason": g.finish_reason}
+               for g, (_, ref) in zip(generations[:SAMPLES_IN_REPORT], examples)]
+    return {"examples": len(examples), "metrics": results,
+            "truncated": sum(g.prompt_truncated > 0 for g in generations), "samples": samples}
+
+
+# ------------------------------------------------------------------------------------------
+# Question answering
+# ------------------------------------------------------------------------------------------
+def qa_answers(record: dict[str, Any], number: int) -> list[str]:
+    """Gold answers of a SQuAD-style record: ``answers`` as ``{"text": [...]}``, a list or a string."""
+    answers = record.get("answers")
+    if isinstance(answers, dict):
+        answers = answers.get("text")
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise DataError(f"record {number}: 'answers' must be {{\"text\": [...]}} or a non-empty list of strings")
+    return answers
+
+
+def qa_prompt(tokenizer: Tokenizer, context: str, question: str, budget: int,
+              template: str = QA_TEMPLATE) -> tuple[list[int], int]:
+    """Prompt ids of a QA example in at most ``budget`` tokens; a context that does not fit loses its
+    start. Returns the ids and how many context tokens were dropped."""
+    if template.count("{context}") != 1 or template.count("{question}") != 1:
+        raise ConfigError("a QA template needs one {context} and one {question}")
+    before, after = template.split("{context}")
+    before, after = before.replace("{question}", question), after.replace("{question}", question)
+    head = tokenizer.start_ids if tokenizer.adds_bos else []
+    ids = head + tokenizer.encode(before + context + after)
+    if len(ids) <= budget:
+        return ids, 0
+    parts = [tokenizer.encode(before), tokenizer.encode(context), tokenizer.encode(after)]
+    keep = budget - len(head) - len(parts[0]) - len(parts[2])
+    if keep <= 0:  # not even the question fits: keep the end of it
+        rest = parts[0] + parts[2]
+        return head + rest[len(rest) - (budget - len(head)):], len(parts[1])
+    return head + parts[0] + parts[1][len(parts[1]) - keep:] + parts[2], len(parts[1]) - keep
+
+
+def run_qa(lm: LanguageModel, data: DataPaths, *, limit: int | None = None, progress: bool = True,
+           template: str = QA_TEMPLATE, batch_size: int = 16, **sampling: Any) -> dict[str, Any]:
+    """Extractive QA by generation: SQuAD ``exact_match`` and ``f1`` (0-100). Greedy, up to 32 new
+    tokens, stopping at a newline, unless ``sampling`` says otherwise."""
+    records = _limited(_records(data, "qa"), limit)
+    config = make_sampling(None, **{"temperature": 0.0, "max_new_tokens": 32, "stop": ["\n"], **sampling})
+    if config.num_samples != 1:
+        raise ConfigError("the qa task generates one answer per question; num_samples must be 1")
+    context_length = lm.model.config.block_size
+    budget = context_length - min(config.max_new_tokens, context_length // 2)
+    prompts, gold, truncated = [], [], 0
+    for number, record in enumerate(records, 1):
+        context = _text(record.get("context"), "'context'", number)
+        question = _text(record.get("question"), "'question'", number)
+        ids, dropped = qa_prompt(lm.tokenizer, context, question, budget, template)
+        prompts.append(ids)
+        truncated += dropped > 0
+        gold.append(qa_answers(record, number))
+    bar = progress_bar(len(prompts), "eval qa", unit="question", enabled=progress)
+    try:
+        generations = generate_ids(lm.model, lm.tokenizer, prompts, config, batch_size, bar)
+    finally:
+        bar.close()
+    predictions = [g.text.strip() for g in generations]
+    samples = [{"question": r["question"], "prediction": p, "answers": a}
+               for r, p, a in zip(records[:SAMPLES_IN_REPORT], predictions, gold)]
+    return {"examples": len(prompts), "metrics": M.squad_scores(predictions, gold), "truncated": truncated,
+            "samples": samples}
+
+
+# ------------------------------------------------------------------------------------------
+# Zero-shot classification by label likelihood
+# ------------------------------------------------------------------------------------------
+def _split_template(template: str) -> tuple[str, str, str]:
+    """(prompt with {text}, the spaces that start the label, what follows the label)."""
+    if template.count("{text}") != 1 or template.count("{label}") != 1 or \
+            template.index("{label}") < template.index("{text}"):
+        raise ConfigError(f"a classification template needs one {{text}} and after it one {{label}}, e.g. "
+                          f"{CLASSIFICATION_TEMPLATE!r}; got {template!r}")
+    before, after = template.split("{label}")
+    prompt = before.rstrip(" ")
+    return prompt, before[len(prompt):], after
+
+
+LOGIT_BUDGET = 1 << 26  # logits (rows * tokens * vocabulary) computed per forward pass
+
+
+def label_scores(lm: Any, texts: Sequence[str], labels: Sequence[str], template: str = CLASSIFICATION_TEMPLATE,
+                 normalize: bool = False, progress: Any = None) -> torch.Tensor:
+    """Log-likelihood of each candidate label given each text: a float tensor (N texts, L labels).
+
+    Entry ``[i, j]`` is log P(label j | prompt i) in nats: the sum of the log-probabilities of the
+    label's tokens after ``template`` filled with text ``i`` up to ``{label}`` (and after the
+    start-of-document token, as :meth:`LanguageModel.token_logprobs` scores texts); with
+    ``normalize`` the mean per label token instead. The template's spaces before ``{label}`` and
+    anything after it are scored with the label. Texts too long for the context lose their start.
+    All N x L sequences run in batched forward passes of ``lm.model`` (``lm`` needs only ``model``
+    and ``tokenizer`` attributes, so a training loop can pass its own).
+    """
+    return _label_scores(lm.model, lm.tokenizer, texts, labels, template, normalize, progress)[0]
+
+
+def _label_scores(model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence[str], labels: Sequence[str],
+                  template: str, normalize: bool, progress: Any = None) -> tuple[torch.Tensor, int]:
+    if isinstance(texts, str) or isinstance(labels, str):
+        raise DataError("label_scores takes lists of texts and of labels")
+    if not texts or not labels:
+        raise DataError("label_scores needs at least one text and one label")
+    prompt_template, space, after = _split_template(template)
+    label_ids = [tokenizer.encode(space + str(label) + after) for label in labels]
+    if any(not ids for ids in label_ids):
+        raise DataError("a candidate label is empty")
+    context = model.config.block_size
+    head = list(tokenizer.start_ids)
+    longest = max(map(len, label_ids))
+    room = context + 1 - len(head) - longest  # the model reads every token but the last
+    if room < 1:
+        raise DataError(f"a label of {longest} tokens does not fit the model's context of {context}")
+    prompts, truncated = [], 0
+    for text in texts:
+        body = tokenizer.encode(prompt_template.replace("{text}", text))
+        if len(body) > room:
+            body, truncated = body[len(body) - room:], truncated + 1
+        prompts.append(head + body)
+    # Every (text, label) pair is one sequence; similar lengths share a forward pass.
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(label_ids))]
+    pairs.sort(key=lambda p: len(prompts[p[0]]) + len(label_ids[p[1]]))
+    scores = torch.empty(len(prompts), len(label_ids), dtype=torch.float64)
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    pad = tokenizer.pad_id or 0
+    start = 0
+    with eval_mode(model), torch.inference_mode():
+        while start < len(pairs):
+            T = len(prompts[pairs[start][0]]) + len(label_ids[pairs[start][1]]) - 1
+            rows = 1
+            while start + rows < len(pairs):  # grow the chunk while its logits fit the budget
+                i, j = pairs[start + rows]
+                T_next = max(T, len(prompts[i]) + len(label_ids[j]) - 1)
+                if (rows + 1) * T_next * vocab > LOGIT_BUDGET:
+                    break
+                rows, T = rows + 1, T_next
+            chunk = pairs[start:start + rows]
+            K = max(len(label_ids[j]) for _, j in chunk)
+            inputs = torch.full((rows, T), pad, dtype=torch.long)       # right-padded: causal attention
+            positions = torch.zeros((rows, K), dtype=torch.long)        # never lets padding reach
+            targets = torch.zeros((rows, K), dtype=torch.long)          # the positions we read
+            mask = torch.zeros((rows, K), dtype=torch.bool)
+            for row, (i, j) in enumerate(chunk):
+                sequence = prompts[i] + label_ids[j]
+                inputs[row, :len(sequence) - 1] = torch.tensor(sequence[:-1])
+                n, first = len(label_ids[j]), len(prompts[i]) - 1
+                positions[row, :n] = torch.arange(first, first + n)
+                targets[row, :n] = torch.tensor(label_ids[j])
+                mask[row, :n] = True
+            logits = model(inputs.to(device))                                       # (B, T, V)
+            picked = logits[torch.arange(rows, device=device)[:, None], positions.to(device)]  # (B, K, V)
+            logprobs = picked.float().log_softmax(-1).gather(-1, targets.to(device)[..., None])[..., 0]
+            logprobs = (logprobs.double().cpu() * mask).sum(-1)                      # (B,)
+            if normalize:
+                logprobs = logprobs / mask.sum(-1)
+            for row, (i, j) in enumerate(chunk):
+                scores[i, j] = logprobs[row]
+            if progress is not None:
+                progress.update(rows)
+            start += rows
+    return scores, truncated
+
+
+def run_classification(lm: LanguageModel, data: DataPaths, *, limit: int | None = None, progress: bool = True,
+                       labels: Sequence[str] | None = None, label_names: dict[Any, str] | None = None,
+                       text_field: FieldName | Sequence[FieldName] | None = None, label_field: FieldName = "label",
+                       template: str = CLASSIFICATION_TEMPLATE, normalize: bool = False) -> dict[str, Any]:
+    """Zero-shot classification: the candidate label with the highest :func:`label_scores` wins.
+
+    Candidates are ``labels`` or else the distinct labels of the data (sorted). ``label_names``
+    maps the data's label values to the words that are scored (``{0: negative, 1: positive}``);
+    metrics and reports then use those words."""
+    paths = data_paths(data)
+    if not paths:
+        raise DataError("the classification task needs a data file")
+    pairs = _limited([p for path in paths for p in read_labelled(path, text_field, label_field)], limit)
+    if label_names is not None:
+        if not isinstance(label_names, dict) or not label_names:
+            raise ConfigError("label_names must map the data's label values to label words")
+        names = {str(k).strip(): str(v) for k, v in label_names.items()}
+        unknown = sorted({label for _, label in pairs if label not in names})
+        if unknown:
+            raise DataError(f"label_names has no name for the label(s) {', '.join(unknown[:5])}")
+        pairs = [(text, names[label]) for text, label in pairs]
+    gold = [label for _, label in pairs]
+    if labels is not None:
+        if isinstance(labels, str) or not labels:
+            raise ConfigError("labels must be a non-empty list of label words")
+        candidates = [str(label) for label in labels]
+        missing = sorted(set(gold) - set(candidates))
+        if missing:
+            raise DataError(f"the data has label(s) {', '.join(missing[:5])} that are not among the candidate "
+                            f"labels {candidates}")
+    else:
+        candidates = sorted(set(gold))
+    if len(candidates) < 2:
+        raise DataError(f"classification needs at least two candidate labels, got {candidates}")
+    texts = [text for text, _ in pairs]
+    bar = progress_bar(len(texts) * len(candidates), "eval classification", unit="score", enabled=progress)
+    try:
+        scores, truncated = _label_scores(lm.model, lm.tokenizer, texts, candidates, template, normalize, bar)
+    finally:
+        bar.close()
+    predictions = [candidates[k] for k in scores.argmax(-1).tolist()]
+    samples = [{"text": t[:200], "prediction": p, "label": g}
+               for t, p, g in zip(texts[:SAMPLES_IN_REPORT], predictions, gold)]
+    return {"examples": len(texts),
+            "metrics": {"accuracy": M.accuracy(predictions, gold), "macro_f1": M.macro_f1(predictions, gold)},
+            "labels": candidates, "truncated": truncated, "samples": samples}
+
+
+# ------------------------------------------------------------------------------------------
+# Diversity of open-ended generation
+# ------------------------------------------------------------------------------------------
+def read_prompts(data: DataPaths, tokenizer: Tokenizer) -> list[list[int]]:
+    """Prompt ids from files: plain text, one prompt per non-empty line; JSON(L) records with a
+    ``prompt`` or ``text`` field, or chat/alpaca records (their conversation up to the last answer)."""
+    head = tokenizer.start_ids if tokenizer.adds_bos else []
+    prompts = []
+    for path in data_paths(data):
+        if path.suffix not in (".jsonl", ".json"):
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path} is not UTF-8 text: {exc}") from None
+            prompts += [head + tokenizer.encode(line) for line in lines if line.strip()]
+            continue
+        for number, record in enumerate(read_records(path), 1):
+            if "prompt" in record or "text" in record:
+                field = "prompt" if "prompt" in record else "text"
+                prompts.append(head + tokenizer.encode(_text(record[field], f"field {field!r}", number)))
+            else:
+                try:
+                    prompts.append(prompt_and_reference(record, record_format([record]), tokenizer)[0])
+                except DataError as exc:
+                    raise DataError(f"{path}, record {number}: {exc}") from None
+    return prompts
+
+
+def run_diversity(lm: LanguageModel, data: DataPaths = None, *, limit: int | None = None, progress: bool = True,
+                  num_samples: int = 32, batch_size: int = 16, **sampling: Any) -> dict[str, Any]:
+    """Sample ``num_samples`` continuations (temperature 1, seed 0, up to 64 new tokens unless
+    ``sampling`` says otherwise) from the prompts in ``data`` taken in turn, or from the empty prompt
+    without data; report ``distinct_1``, ``distinct_2``, ``vocabulary_coverage`` (over the generated
+    token ids), ``self_bleu`` and ``mean_new_tokens``."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ConfigError(f"the diversity task needs num_samples >= 2, not {num_samples!r}")
+    config = make_sampling(None, **{"temperature": 1.0, "seed": 0, "max_new_tokens": 64, **sampling})
+    if config.num_samples != 1:
+        raise ConfigError("give the diversity task's sample count as num_samples")
+    prompts = _limited(read_prompts(data, lm.tokenizer), limit) if data is not None else [[]]
+    if not prompts:
+        raise DataError("the diversity prompts file holds no prompts")
+    rows = [prompts[k % len(prompts)] for k in range(num_samples)]
+    bar = progress_bar(len(rows), "eval diversity", unit="sample", enabled=progress)
+    try:
+        generations = generate_ids(lm.model, lm.tokenizer, rows, config, batch_size, bar)
+    finally:
+        bar.close()
+    texts = [g.text for g in generations]
+    ids = [g.token_ids for g in generations]
+    results = {"distinct_1": M.distinct_n(texts, 1), "distinct_2": M.distinct_n(texts, 2),
+               "self_bleu": M.self_bleu(texts),
+               "vocabulary_coverage": M.vocabulary_coverage(ids, lm.tokenizer.vocab_size),
+               "mean_new_tokens": sum(map(len, ids)) / len(ids)}
+    return {"examples": len(generations), "metrics": results, "prompts": len(prompts),
+            "samples": [{"text": t} for t in texts[:SAMPLES_IN_REPORT]]}
+
+
+# ------------------------------------------------------------------------------------------
+# Dispatch, tables, reports
+# ------------------------------------------------------------------------------------------
+RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "perplexity": run_perplexity, "generation": run_generation, "qa": run_qa,
+    "classification": run_classification, "diversity": run_diversity,
+}
+_SAMPLING_FIELDS = tuple(SamplingConfig.__dataclass_fields__)
+
+
+def task_options(task: str) -> tuple[str, ...]:
+    """The options a task takes (beside ``data``, ``limit`` and ``progress``)."""
+    runner = _runner(task)
+    names = []
+    for name, parameter in inspect.signature(runner).parameters.items():
+        if name in ("lm", "data", "limit", "progress"):
+            continue
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            # one generation per example (diversity counts its samples with its own num_samples)
+            names += [f for f in _SAMPLING_FIELDS if f not in names and f != "num_samples"]
+        else:
+            names.append(name)
+    return tuple(names)
+
+
+def check_options(task: str, options: dict[str, Any]) -> None:
+    """Raise ConfigError for an option the task does not take."""
+    import difflib
+
+    allowed = task_options(task)
+    for name in options:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"the {task} task has no option {name!r}{hint}; its options: {', '.join(allowed)}")
+
+
+def _runner(task: str) -> Callable[..., dict[str, Any]]:
+    if task not in RUNNERS:
+        raise ConfigError(f"unknown evaluation task {task!r}; tasks: {', '.join(TASKS)}")
+    return RUNNERS[task]
+
+
+def check_limit(limit: Any) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"limit must be a whole number >= 1, not {limit!r}")
+    return limit
+
+
+def _data_repr(data: DataPaths) -> str | list[str] | None:
+    if data is None or isinstance(data, (str, Path)):
+        return None if data is None else str(data)
+    return [str(p) for p in data]
+
+
+def evaluate(lm: LanguageModel, task: str, data: DataPaths = None, limit: int | None = None, progress: bool = True,
+             **options: Any) -> dict[str, Any]:
+    """Run one task (:data:`TASKS`) on ``data`` (a file or a list of files; the first ``limit``
+    records) and return its report ``{"task", "data", "examples", "metrics", "seconds", ...}``
+    (plus task extras such as ``truncated``, ``labels`` and a few ``samples``). ``options`` are the
+    task's own (see :func:`task_options`); ``None`` values are ignored."""
+    runner = _runner(task)
+    options = {k: v for k, v in options.items() if v is not None}
+    check_options(task, options)
+    limit = check_limit(limit)
+    started = time.perf_counter()
+    result = runner(lm, data, limit=limit, progress=progress, **options)
+    seconds = time.perf_counter() - started
+    report = {"task": task, "data": _data_repr(data), "examples": result.pop("examples"),
+              "metrics": result.pop("metrics"), "seconds": round(seconds, 3)}
+    if options:
+        report["options"] = options
+    report.update(result)
+    return report
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:,.2f}"
+
+
+def _data_label(data: Any) -> str:
+    if data is None:
+        return "-"
+    items = [data] if isinstance(data, str) else list(data)
+    return ", ".join(Path(p).name for p in items)
+
+
+def format_table(reports: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of reports: one row per metric."""
+    header = ("task", "data", "examples", "metric", "value")
+    rows: list[tuple[str, ...]] = []
+    for report in reports:
+        first = (str(report.get("name") or report["task"]), _data_label(report.get("data")),
+                 f"{report.get('examples', 0):,}")
+        for k, (metric, value) in enumerate(report["metrics"].items()):
+            rows.append((*(first if k == 0 else ("", "", "")), metric, _format_value(value)))
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    right = {2, 4}
+
+    def line(row: tuple[str, ...]) -> str:
+        cells = [cell.rjust(w) if c in right else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
+
+
+def write_report(path: str | Path, reports: Sequence[dict[str, Any]], **extra: Any) -> Path:
+    """Write ``{"lmforge_version", **extra, "reports": [...]}`` as JSON to ``path``, atomically."""
+    from lmforge import __version__
+
+    check_output_file(path)
+    document = {"lmforge_version": __version__, **extra, "reports": list(reports)}
+    atomic_write_text(path, json.dumps(document, indent=2, ensure_ascii=False, default=str) + "\n")
+    return Path(path)

@@ -23,8 +23,8 @@ from pathlib import Path
 from lmforge.config import ModelConfig, PretrainConfig, TrainConfig
 from lmforge.data.shards import prepare
 from lmforge.data.sources import expand_inputs, iter_texts
+from lmforge.recipes.pretrain import pretrain
 from lmforge.tokenizer import Tokenizer
-from lmforge.training.pretrain import pretrain
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 REFERENCE = {"val_loss": 1.898, "wall_s": 123.0, "tokens_per_sec": 14_000}

@@ -311,6 +311,10 @@ def test_bad_task_options_and_files(lm, tmp_path, qa_file):
         evaluate(lm, "qa", qa_file, max_tokens=3)
     with pytest.raises(ConfigError, match="num_samples"):
         evaluate(lm, "qa", qa_file, num_samples=2)
+    with pytest.raises(ConfigError, match="batch_size of the qa task must be a whole number, not 'x'"):
+        evaluate(lm, "qa", qa_file, batch_size="x")
+    with pytest.raises(ConfigError, match="labels of the classification task must be a list"):
+        evaluate(lm, "classification", qa_file, labels=3)
     with pytest.raises(DataError, match="does not exist"):
         evaluate(lm, "perplexity", tmp_path / "missing.txt")
     with pytest.raises(DataError, match="needs a data file"):

@@ -141,6 +141,27 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat_loop(lm, options, system=args.system)
 
 
+EVAL_OPTIONS = {  # flag -> (option name, type); which task takes which: lmforge.evaluation.harness.task_options
+    "--format": ("format", str), "--prompt-template": ("prompt_template", str),
+    "--reference-field": ("reference_field", str), "--text-field": ("text_field", str),
+    "--label-field": ("label_field", str), "--template": ("template", str), "--stride": ("stride", int),
+    "--batch-size": ("batch_size", int), "--num-samples": ("num_samples", int),
+}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lmforge.evaluation.suite import main_eval
+
+    options = {name: getattr(args, name, None) for name, _ in EVAL_OPTIONS.values()}
+    options["labels"] = args.labels
+    options.update({name: getattr(args, name) for name in _sampling_names()
+                    if name != "num_samples" and hasattr(args, name)})
+    if options.get("stop") is not None and not isinstance(options["stop"], list):
+        options["stop"] = [options["stop"]]
+    return main_eval(args.checkpoint, task=args.task, data=args.data, suite=args.suite, limit=args.limit,
+                     out=args.out, device=args.device, dtype=args.dtype, progress=not args.quiet, **options)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.api import LanguageModel, sampling_config
 
@@ -318,6 +339,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, SamplingConfig, flat=True)
     _add_device_options(p)
     p.set_defaults(func=cmd_chat)
+
+    p = command("eval", "evaluate a checkpoint: perplexity, generation (BLEU/chrF/ROUGE), QA, classification, "
+                        "diversity; or a YAML suite with thresholds",
+                "Evaluate a checkpoint on one task and data file, or on a YAML suite of tasks whose thresholds "
+                "make the command exit with code 1 when a metric falls short (to gate a release in CI).")
+    p.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face folder")
+    p.add_argument("--task", choices=("perplexity", "generation", "qa", "classification", "diversity"),
+                   help="what to measure")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="data file(s) for the task")
+    p.add_argument("--suite", metavar="FILE", help="YAML suite: tasks, data, limits and min/max thresholds")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N examples")
+    p.add_argument("--out", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for flag, (name, kind) in EVAL_OPTIONS.items():
+        p.add_argument(flag, dest=name, type=kind, default=None, help=f"task option {name}")
+    p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
+                   help="candidate labels for classification (default: the labels in the data)")
+    add_arguments(p, SamplingConfig, flat=True, skip=("num_samples",))
+    _add_device_options(p)
+    p.set_defaults(func=cmd_eval)
 
     p = command("generate", "generate text from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint or run directory")

@@ -582,16 +582,32 @@ def task_options(task: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+_OPTION_TYPES: dict[str, tuple[type, ...]] = {  # sampling options are checked by SamplingConfig
+    "batch_size": (int,), "num_samples": (int,), "stride": (int,), "normalize": (bool,), "template": (str,),
+    "format": (str,), "prompt_template": (str,), "reference_field": (str,), "labels": (list, tuple),
+    "label_names": (dict,), "label_field": (str, int), "text_field": (str, int, list, tuple),
+}
+
+
 def check_options(task: str, options: dict[str, Any]) -> None:
-    """Raise ConfigError for an option the task does not take."""
+    """Raise ConfigError for an option the task does not take, or a value of the wrong type."""
     import difflib
 
     allowed = task_options(task)
-    for name in options:
+    for name, value in options.items():
         if name not in allowed:
             close = difflib.get_close_matches(name, allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"the {task} task has no option {name!r}{hint}; its options: {', '.join(allowed)}")
+        types = _OPTION_TYPES.get(name)
+        if task == "perplexity" and name == "text_field":
+            types = (str,)
+        if value is not None and types and (not isinstance(value, types) or
+                                            (isinstance(value, bool) and bool not in types)):
+            words = {"int": "a whole number", "str": "text", "bool": "true or false", "list": "a list",
+                     "tuple": "a list", "dict": "a mapping"}
+            kinds = " or ".join(dict.fromkeys(words[k.__name__] for k in types))
+            raise ConfigError(f"option {name} of the {task} task must be {kinds}, not {value!r}")
 
 
 def _runner(task: str) -> Callable[..., dict[str, Any]]:

@@ -61,7 +61,7 @@ class SuiteTask:
 
     task: str
     name: str
-    data: list[Path] | None
+    data: Path | list[Path] | None
     limit: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     minimum: dict[str, float] = field(default_factory=dict)
@@ -133,9 +133,10 @@ def load_suite(path: str | Path) -> list[SuiteTask]:
             if not items or not all(isinstance(d, str) and d for d in items):
                 raise ConfigError(f"{where}: 'data' must be a file path or a list of file paths")
             try:
-                data = data_paths([path.parent / d for d in items])
+                resolved = data_paths([path.parent / d for d in items])
             except DataError as exc:
                 raise DataError(f"{where}: {exc}") from None
+            data = resolved if isinstance(data, list) else resolved[0]
         name = entry.get("name", task)
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}: 'name' must be text")

@@ -24,6 +24,7 @@ from lmforge.config import FinetuneConfig, to_dict
 from lmforge.data.formats import DEFAULT_CHAT_TEMPLATE, read_records, record_format
 from lmforge.data.supervised import EncodedSet, SupervisedBatches, collate, encode_set, split_records
 from lmforge.errors import ConfigError, DataError
+from lmforge.evaluation.harness import generation_examples, generation_metrics
 from lmforge.fileio import atomic_write_text
 from lmforge.interop.hf import import_hf, is_hf_folder
 from lmforge.models.lora import apply_lora, count_trainable, has_lora
@@ -121,10 +122,12 @@ def finetune(config: FinetuneConfig) -> TrainResult:
                                 pad_id, context.rank, context.world_size)
     generate = None
     if config.eval.examples:
-        from lmforge.evaluation.harness import generation_evaluator
+        examples = generation_examples(val_records[:config.eval.examples], tokenizer, fmt)
 
-        generate = generation_evaluator(tokenizer, val_records[:config.eval.examples], fmt,
-                                        config.eval.max_new_tokens)
+        def generate(model: nn.Module, final: bool) -> dict[str, float]:
+            """Greedy answers to held-out prompts compared with the references (``gen_bleu``, ...)."""
+            metrics, _ = generation_metrics(model, tokenizer, examples, max_new_tokens=config.eval.max_new_tokens)
+            return {f"gen_{name}": value for name, value in metrics.items()}
     evaluator = ExampleLossEvaluator(val_set, 2 * train_config.batch_size, pad_id, train_config.eval_windows,
                                      train_config.final_eval_windows, context, generate)
     if context.is_main:

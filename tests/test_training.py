@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from conftest import read_jsonl, tiny_pretrain_config
 from lmforge.config import TrainConfig, to_dict
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.recipes.pretrain import pretrain
 from lmforge.training.checkpoint import latest_checkpoint, load_model, prune_checkpoints, resolve_checkpoint
 from lmforge.training.optim import build_optimizer, learning_rate, parameter_groups
-from lmforge.recipes.pretrain import pretrain
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -19,8 +19,13 @@ HELP = "type a message; /reset starts over, /exit leaves"
 
 def fit_history(lm: LanguageModel, messages: list[dict[str, str]], reserve: int) -> int:
     """Drop the oldest turns (never the system message or the newest user message) until the prompt
-    leaves ``reserve`` tokens of context free; returns how many messages were dropped."""
+    leaves ``reserve`` tokens of context free; returns how many messages were dropped. Raises
+    :class:`RequestError`, dropping nothing, when the newest message alone does not fit."""
     first = 1 if messages and messages[0]["role"] == "system" else 0
+    length = len(lm.chat_prompt(messages[:first] + messages[-1:]))
+    if length > lm.context_length:  # refuse before dropping any history
+        raise RequestError(f"the conversation is {length} tokens long but the model's context is "
+                           f"{lm.context_length} tokens")
     dropped = 0
     while len(lm.chat_prompt(messages)) + reserve > lm.context_length and len(messages) - first > 1:
         del messages[first]
@@ -58,6 +63,7 @@ def chat_loop(lm: LanguageModel, sampling: dict[str, Any], system: str | None = 
             continue
         messages.append({"role": "user", "content": line})
         pieces: list[str] = []
+        started = False  # whether "assistant> " is on the line
         try:
             dropped = fit_history(lm, messages, reserve)
             if dropped:
@@ -65,6 +71,7 @@ def chat_loop(lm: LanguageModel, sampling: dict[str, Any], system: str | None = 
                           f"context of {lm.context_length} tokens)\n")
             out.write("assistant> ")
             out.flush()
+            started = True
             for piece in lm.stream_chat(messages, **sampling):
                 pieces.append(piece)
                 out.write(piece)
@@ -73,7 +80,7 @@ def chat_loop(lm: LanguageModel, sampling: dict[str, Any], system: str | None = 
             messages.append({"role": "assistant", "content": "".join(pieces)})
         except RequestError as exc:
             messages.pop()
-            out.write(f"(error: {exc})\n")
+            out.write(f"{chr(10) if started else ''}(error: {exc})\n")
         except KeyboardInterrupt:
             out.write("\n(interrupted)\n")
             messages.append({"role": "assistant", "content": "".join(pieces)})

@@ -48,7 +48,7 @@ class Tokenizer:
         self.kind = kind
         self.chat_template = chat_template
         self.hf.encode_special_tokens = True  # user text containing "<|eos|>" stays literal text
-        self._special_pattern: re.Pattern | bool | None = None  # built by encode_with_special
+        self._special_pattern: tuple[int, re.Pattern | None] | None = None  # built by encode_with_special
         for role, token in self.special.items():
             if self.hf.token_to_id(token) is None:
                 raise CheckpointError(f"tokenizer has no {role} token {token!r}")
@@ -183,14 +183,17 @@ class Tokenizer:
     def encode_with_special(self, text: str) -> list[int]:
         """Token ids of text in which special-token strings (``<|eos|>``, ...) stand for the special
         tokens: for text rendered by a chat template, never for users' own text."""
-        if self._special_pattern is None:
+        size = self.vocab_size
+        if self._special_pattern is None or self._special_pattern[0] != size:  # rebuilt when tokens are added
             tokens = sorted({t.content for t in self.hf.get_added_tokens_decoder().values() if t.special},
                             key=len, reverse=True)
-            self._special_pattern = re.compile("(" + "|".join(map(re.escape, tokens)) + ")") if tokens else False
-        if not self._special_pattern:
+            pattern = re.compile("(" + "|".join(map(re.escape, tokens)) + ")") if tokens else None
+            self._special_pattern = (size, pattern)
+        pattern = self._special_pattern[1]
+        if pattern is None:
             return self.encode(text)
         ids: list[int] = []
-        for i, part in enumerate(self._special_pattern.split(text)):
+        for i, part in enumerate(pattern.split(text)):
             if i % 2:
                 ids.append(self.hf.token_to_id(part))
             elif part:

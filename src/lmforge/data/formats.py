@@ -11,7 +11,10 @@ Alpaca records become a two-message conversation (user: instruction + input, ass
 go through the chat template stored with the tokenizer, like chat records. Prompt/completion
 records are used as they are: prompt, then completion, then end-of-sequence. Templates are Jinja,
 in the Hugging Face convention (``messages``, ``add_generation_prompt``, ``bos_token``,
-``eos_token``), rendered in a sandbox.
+``eos_token``), rendered in a sandbox. Special-token text written by the template (``<|eos|>``,
+``<|im_end|>``) becomes the special token; the same text inside a message stays literal (message
+contents are rendered as placeholders and encoded on their own, so a template that transforms
+contents, e.g. with ``| trim``, sees the placeholder, not the text).
 
 :func:`encode_example` returns token ids and labels in which prompt tokens are ``IGNORE`` (-100),
 so the loss covers only what the model should learn to write: each assistant turn and the tokens
@@ -21,6 +24,7 @@ that end it (end-of-sequence for the default template), or the completion.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -58,14 +62,15 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text: {exc}") from None
-    if path.suffix == ".json":
+    suffix = path.suffix.lower()
+    if suffix == ".json":
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} is not valid JSON: {exc}") from None
         if not isinstance(records, list):
             raise DataError(f"{path} should hold a JSON list of records")
-    elif path.suffix == ".jsonl":
+    elif suffix == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -169,9 +174,31 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], add_genera
         raise DataError(f"the chat template failed: {exc}") from None
 
 
+# Messages are rendered with placeholders for their contents, so that special-token text in the
+# template becomes special tokens while the same text inside a message stays literal.
+_MARK = re.compile("\U000F0000(\\d+)\U000F0001")
+
+
+def _marked(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{**m, "content": f"\U000F0000{i}\U000F0001"} for i, m in enumerate(messages)]
+
+
+def _encode_rendered(tokenizer: Tokenizer, text: str, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of text rendered from :func:`_marked` messages: template text with special tokens,
+    message contents literally."""
+    ids: list[int] = []
+    for i, part in enumerate(_MARK.split(text)):
+        if i % 2:
+            ids += tokenizer.encode(messages[int(part)]["content"])
+        elif part:
+            ids += tokenizer.encode_with_special(part)
+    return ids
+
+
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation followed by the cue for the assistant's next turn."""
-    return tokenizer.encode_with_special(render_chat(tokenizer, messages, add_generation_prompt=True))
+    return _encode_rendered(tokenizer, render_chat(tokenizer, _marked(messages), add_generation_prompt=True),
+                            messages)
 
 
 # ------------------------------------------------------------------------------------------
@@ -194,18 +221,19 @@ def encode_example(record: dict[str, Any], fmt: str, tokenizer: Tokenizer,
         raise DataError("a conversation without an assistant message has nothing to learn")
     ids: list[int] = []
     labels: list[int] = []
+    marked = _marked(messages)
     done = ""  # text rendered so far
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         # What precedes this answer (ending with the assistant cue), then the answer with its end.
-        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-        after = render_chat(tokenizer, messages[:i + 1])
+        before = render_chat(tokenizer, marked[:i], add_generation_prompt=True)
+        after = render_chat(tokenizer, marked[:i + 1])
         if not before.startswith(done) or not after.startswith(before):
             raise DataError("the chat template does not render conversations as growing prefixes, so prompt "
                             "tokens cannot be told apart from answers")
-        prompt = tokenizer.encode_with_special(before[len(done):])
-        answer = tokenizer.encode_with_special(after[len(before):])
+        prompt = _encode_rendered(tokenizer, before[len(done):], messages)
+        answer = _encode_rendered(tokenizer, after[len(before):], messages)
         ids += prompt + answer
         labels += (prompt if train_on_prompt else [IGNORE] * len(prompt)) + answer
         done = after

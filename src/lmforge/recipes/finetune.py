@@ -23,12 +23,19 @@ from torch import nn
 from lmforge.config import FinetuneConfig, to_dict
 from lmforge.data.formats import DEFAULT_CHAT_TEMPLATE, read_records, record_format
 from lmforge.data.supervised import EncodedSet, SupervisedBatches, collate, encode_set, split_records
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.evaluation.harness import generation_examples, generation_metrics
 from lmforge.fileio import atomic_write_text
 from lmforge.interop.hf import import_hf, is_hf_folder
 from lmforge.models.lora import apply_lora, count_trainable, has_lora
-from lmforge.training.checkpoint import base_reference, load_model, resolve_checkpoint
+from lmforge.training.checkpoint import (
+    base_reference,
+    fingerprint,
+    latest_checkpoint,
+    load_model,
+    read_config,
+    resolve_checkpoint,
+)
 from lmforge.training.distributed import DistContext, all_reduce_sum, barrier
 from lmforge.training.loop import TrainResult, setup_runtime, train
 from lmforge.training.objectives import causal_lm_loss, summed_causal_lm_loss
@@ -114,6 +121,11 @@ def finetune(config: FinetuneConfig) -> TrainResult:
 
     info: dict[str, Any] = {"recipe": "finetune", "data": str(config.data.path), "data_format": fmt,
                             "base_checkpoint": str(base.resolve())}
+    last = latest_checkpoint(run_dir) if config.resume else None
+    recorded = read_config(last).get("base") if last is not None else None
+    if recorded and recorded.get("fingerprint") != fingerprint(base):
+        raise CheckpointError(f"cannot resume {run_dir}: its adapters were trained on a base whose weights differ "
+                              f"from {base} now")
     if config.lora.enabled:
         apply_lora(model, config.lora)
         info.update(lora=to_dict(config.lora), base=base_reference(base))

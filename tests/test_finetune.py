@@ -30,7 +30,7 @@ from lmforge.config import (
 )
 from lmforge.data.formats import DEFAULT_CHAT_TEMPLATE, read_records, record_format
 from lmforge.data.supervised import encode_set, split_records
-from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.errors import CheckpointError, ConfigError, DataError, RequestError
 from lmforge.models.lora import has_lora, merge_lora
 from lmforge.recipes.finetune import ExampleLossEvaluator, finetune
 from lmforge.training.checkpoint import fingerprint, load_model, resolve_checkpoint, save_checkpoint
@@ -213,8 +213,10 @@ def test_chat_history_is_cut_to_the_context_keeping_the_system_message(full_run)
     assert len(lm.chat_prompt(messages)) + 10 > lm.context_length == 64
     assert fit_history(lm, messages, reserve=10) == 2
     assert messages == [system, turns[2]]  # the oldest exchange went; the system message and newest turn stay
-    too_long = [system, {"role": "user", "content": "x" * 100}]
-    assert fit_history(lm, too_long, reserve=10) == 0 and len(too_long) == 2  # nothing more can go
+    too_long = [system, *turns[:2], {"role": "user", "content": "x" * 100}]
+    with pytest.raises(RequestError, match="134 tokens long"):  # refused before any history is dropped
+        fit_history(lm, too_long, reserve=10)
+    assert len(too_long) == 4
 
 
 def test_full_run_directory_and_checkpoint(full_run, base, data):

@@ -73,6 +73,88 @@ class KVCache:
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
 
+    def advance(self, T: int) -> None:
+        """Count ``T`` new tokens as cached (called by :meth:`DecoderLM.forward` after every layer stored them)."""
+        self.length += T
+
+
+@dataclass
+class SlotKVCache:
+    """Keys and values of several sequences of different lengths, one per row ("slot").
+
+    For continuous batching (:mod:`lmforge.inference.engine`): sequences join and leave between
+    decoding steps, each in its own row with its own length. ``keys[i]`` and ``values[i]`` are
+    (N, Hkv, max_len, D); row r holds positions ``[0, lengths[r])``, the rest is stale and masked.
+
+    Rows ``[0, rows)`` take part in the next forward; the caller keeps them packed at the front
+    (:meth:`move` the last row into a freed one). A forward on this cache decodes ONE new token per
+    row: pass ``position_ids`` and ``attention_mask`` from :meth:`decode_inputs`; :meth:`store` writes
+    row r's new key/value at position ``lengths[r]``. A prompt is prefilled alone into its row
+    through :meth:`row_cache` (a plain :class:`KVCache` viewing that row), then :meth:`set_length`.
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    lengths: list[int]   # (N,) filled positions of every row, on the host
+    positions: Tensor    # (N,) the same on the device: where each row's next token goes
+    rows: int = 0
+
+    @classmethod
+    def empty(cls, config: ModelConfig, slots: int, max_len: int, device: torch.device,
+              dtype: torch.dtype) -> SlotKVCache:
+        cache = KVCache.empty(config, slots, max_len, device, dtype)
+        return cls(cache.keys, cache.values, [0] * slots, torch.zeros(slots, dtype=torch.long, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def length(self) -> int:
+        """The longest of rows ``[0, rows)``: the next forward's keys span ``length + 1`` positions."""
+        return max(self.lengths[:self.rows], default=0)
+
+    def row_cache(self, row: int) -> KVCache:
+        """An empty :class:`KVCache` whose tensors are views of ``row``: prefilling it fills the row."""
+        return KVCache([k[row:row + 1] for k in self.keys], [v[row:row + 1] for v in self.values])
+
+    def set_length(self, row: int, length: int) -> None:
+        """Row ``row`` now holds ``length`` positions (after a prefill through :meth:`row_cache`)."""
+        self.lengths[row] = length
+        self.positions[row] = length
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row ``src`` (keys, values, length) into row ``dst``."""
+        for k, v in zip(self.keys, self.values):
+            k[dst] = k[src]
+            v[dst] = v[src]
+        self.set_length(dst, self.lengths[src])
+
+    def decode_inputs(self) -> tuple[Tensor, Tensor]:
+        """``position_ids`` (rows, 1) and ``attention_mask`` (rows, 1, 1, length + 1) for one new token
+        per row: row r's token sits at position ``lengths[r]`` and sees keys ``[0, lengths[r]]``."""
+        positions = self.positions[:self.rows, None]                       # (B, 1)
+        keys = torch.arange(self.length + 1, device=positions.device)     # (S,)
+        return positions, (keys[None, :] <= positions)[:, None, None, :]  # (B, 1, 1, S)
+
+    def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one new (B, Hkv, 1, D) key/value per row r < B at ``lengths[r]``; return (B, Hkv, S, D)
+        keys/values with S = ``length + 1`` (positions past a row's own length are stale: mask them)."""
+        B, T = k.shape[0], k.shape[2]
+        if B != self.rows or T != 1:
+            raise ValueError(f"a SlotKVCache decodes one token for each of its {self.rows} rows, not {B} x {T}")
+        rows = torch.arange(B, device=k.device)
+        self.keys[layer][rows, :, self.positions[:B]] = k[:, :, 0]
+        self.values[layer][rows, :, self.positions[:B]] = v[:, :, 0]
+        end = self.length + 1
+        return self.keys[layer][:B, :, :end], self.values[layer][:B, :, :end]
+
+    def advance(self, T: int) -> None:
+        """Count the token just stored in every row."""
+        for row in range(self.rows):
+            self.lengths[row] += T
+        self.positions[:self.rows] += T
+
 
 # ------------------------------------------------------------------------------------------
 # Building blocks
@@ -143,7 +225,7 @@ class Attention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
-                cache: KVCache | None, layer: int) -> Tensor:
+                cache: KVCache | SlotKVCache | None, layer: int) -> Tensor:
         B, T, C = x.shape
         qkv = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
@@ -200,7 +282,7 @@ class Block(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
-                cache: KVCache | None, layer: int) -> Tensor:
+                cache: KVCache | SlotKVCache | None, layer: int) -> Tensor:
         if self.training and self.dropout:
             x = x + F.dropout(self.attn(self.norm1(x), rope, mask, cache, layer), self.dropout)
             return x + F.dropout(self.mlp(self.norm2(x)), self.dropout)
@@ -248,7 +330,7 @@ class DecoderLM(nn.Module):
 
     # -------------------------------------------------------------- forward
     def forward(self, idx: Tensor, *, position_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                attention_mask: Tensor | None = None, cache: KVCache | SlotKVCache | None = None,
                 last_only: bool = False) -> Tensor:
         """Next-token logits.
 
@@ -256,8 +338,11 @@ class DecoderLM(nn.Module):
             idx: (B, T) token ids; with a cache, the tokens after the cached ones.
             position_ids: (B, T) positions; default ``cache.length + arange(T)``.
             attention_mask: (B, S) bool, True for real tokens, False for left padding; S covers
-                the cached tokens and ``idx``. None means no padding.
-            cache: a :class:`KVCache` to read and extend (generation).
+                the cached tokens and ``idx``. None means no padding. Or a ready (B, 1, T, S) bool
+                mask, True where a query may see a key, used as is (a :class:`SlotKVCache`'s
+                ``decode_inputs``).
+            cache: a :class:`KVCache` to read and extend (generation), or a :class:`SlotKVCache`
+                (one new token per row, rows of different lengths).
             last_only: compute logits for the last position only (generation).
 
         Returns:
@@ -277,11 +362,13 @@ class DecoderLM(nn.Module):
             rope = (self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1))
         if self.training and self.config.dropout:
             x = F.dropout(x, self.config.dropout)
-        mask = None if attention_mask is None else padding_mask(attention_mask, T)
+        mask = attention_mask
+        if attention_mask is not None and attention_mask.dim() == 2:
+            mask = padding_mask(attention_mask, T)  # (B, 1, T, S)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, cache, i)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

@@ -6,11 +6,13 @@
 2. ``../shared/data/alpaca/train.jsonl`` (4,500 records): every 10th record is held out (450), the
    rest trains. Responses are rendered through lmforge's default chat template; the loss (and the
    held-out perplexity) covers the response tokens and the end-of-sequence token only.
-3. Full fine-tuning and LoRA (r=8, alpha 16, on q, k, v, o), each for ``--steps`` steps of 16
-   examples, through ``lmforge.recipes.finetune``; then for each model: held-out response perplexity
-   and greedy answers to 100 held-out prompts (how many end with the end-of-sequence token, ROUGE-L).
+3. Full fine-tuning, LoRA (r=8, alpha 16) on q, k, v, o, and LoRA on every linear layer (attention,
+   MLP, head), each for ``--steps`` steps of 16 examples, through ``lmforge.recipes.finetune``; then
+   for each model: held-out response perplexity and greedy answers to 100 held-out prompts (how many
+   end with the end-of-sequence token, ROUGE-L).
 
-    python bench/alpaca_finetune.py [--work /tmp/alpaca] [--base-steps 1200] [--steps 400]
+    python bench/alpaca_finetune.py [--work DIR] [--base DIR | --base-steps 1200] [--steps 400]
+                                    [--runs full,lora,lora-all]
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=1200)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--generations", type=int, default=100)
+    parser.add_argument("--runs", default="full,lora,lora-all", help="which fine-tuning runs, of full, lora, lora-all")
     args = parser.parse_args()
     if not ALPACA.is_file():
         raise SystemExit(f"needs {ALPACA}")
@@ -103,11 +106,14 @@ def main() -> None:
     model, tokenizer, _ = load_model(base)
     rows.append(("base (no fine-tuning)", evaluate(model, tokenizer, val_records, args.generations),
                  base_seconds if not args.base else float("nan"), 1.0))
-    for name, lora, lr in (("full", LoraConfig(), 5e-4), ("lora", LoraConfig(r=8, alpha=16.0), 2e-3)):
+    runs = {"full": (LoraConfig(), 5e-4), "lora": (LoraConfig(r=8, alpha=16.0), 2e-3),
+            "lora-all": (LoraConfig(r=8, alpha=16.0, targets=["all"]), 3e-3)}
+    for name in args.runs.split(","):
+        lora, lr = runs[name]
         run, seconds = run_finetune(work, base, name, args.steps, lora, lr)
         model, tokenizer, _ = load_model(run / "checkpoints" / "final")
         trainable, total = count_trainable(model)  # a loaded LoRA model has only its adapters trainable
-        label = "full fine-tuning" if not lora.enabled else f"LoRA r={lora.r} (q,k,v,o)"
+        label = "full fine-tuning" if not lora.enabled else f"LoRA r={lora.r} ({','.join(lora.targets)})"
         rows.append((label, evaluate(model, tokenizer, val_records, args.generations), seconds, trainable / total))
 
     print(f"\nAlpaca: {len(val_records)} held-out records; base {base}")
@@ -116,8 +122,8 @@ def main() -> None:
     for label, m, seconds, share in rows:
         print(f"{label:<24} {m['ppl']:>22.2f} {m['eos_rate']:>13.0%} {m['rougeL']:>8.2f} {m['new_tokens']:>10.1f} "
               f"{seconds:>8.0f} {share:>10.2%}")
-    (work / "results.json").write_text(json.dumps([{"model": r[0], **r[1], "seconds": r[2], "trainable": r[3]}
-                                                   for r in rows], indent=2))
+    results = [{"model": r[0], **r[1], "seconds": r[2], "trainable": r[3]} for r in rows]
+    (work / f"results-{args.runs}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

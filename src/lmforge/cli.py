@@ -162,6 +162,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
                      out=args.out, device=args.device, dtype=args.dtype, progress=not args.quiet, **options)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from lmforge.api import LanguageModel
+    from lmforge.serving import create_app
+
+    if args.port < 0 or args.port > 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, not {args.port}")
+    if args.max_batch_size < 1 or args.max_queue < 1:
+        raise ConfigError("--max-batch-size and --max-queue must be >= 1")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logging.getLogger("lmforge").warning("serving on %s without --api-key: anyone who can reach this address "
+                                             "can use the model", args.host)
+    lm = LanguageModel.load(args.checkpoint, device=args.device, dtype=args.dtype)
+    app = create_app(lm, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    print(f"serving {args.checkpoint} at http://{args.host}:{args.port}/v1 (OpenAI-compatible); Ctrl-C stops")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.api import LanguageModel, sampling_config
 
@@ -359,6 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, SamplingConfig, flat=True, skip=("num_samples",))
     _add_device_options(p)
     p.set_defaults(func=cmd_eval)
+
+    p = command("serve", "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)")
+    p.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs care)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests waiting beyond the batch")
+    _add_device_options(p)
+    p.set_defaults(func=cmd_serve)
 
     p = command("generate", "generate text from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint or run directory")

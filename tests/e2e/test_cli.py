@@ -3,26 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-
-CLI = [sys.executable, "-m", "lmforge"]
-
-
-def lmforge(*args: str, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, input=input)
-
-
-def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit code 2, one line 'error: ...' on stderr, no traceback."""
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from cli_helpers import assert_clean_error, lmforge
 
 
 @pytest.fixture(scope="module")

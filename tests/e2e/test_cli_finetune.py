@@ -4,41 +4,26 @@ the promised one-line errors."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import assert_clean_error
+from cli_helpers import lmforge as run_lmforge
+from cli_helpers import lmforge_all as run_all
 
-CLI = [sys.executable, "-m", "lmforge"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest, above all on a busy machine
 WORDS = ["cat", "dog", "sun", "red", "box", "pen", "cup", "map"]
 FAST = ["--train.device", "cpu", "--train.dtype", "fp32", "--train.num_threads", "1", "--train.progress", "false",
         "--train.warmup_steps", "5", "--train.log_interval", "5"]
 
 
 def lmforge(*args: object, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, input=input,
-                          env=ENV)
+    return run_lmforge(*args, timeout=timeout, input=input, threads=1)  # tiny models: one thread is fastest
 
 
 def lmforge_all(*commands: tuple) -> list[subprocess.CompletedProcess]:
-    """Several independent CLI runs at once (each pays the start-up of Python and torch)."""
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        return list(pool.map(lambda command: lmforge(*command), commands))
-
-
-def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit code 2, one line 'error: ...' on stderr, no traceback."""
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    return run_all(*commands, threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import assert_clean_error, lmforge
+from cli_helpers import lmforge_all as run_all
 from torch.testing import assert_close
 
 from lmforge.api import LanguageModel
@@ -22,7 +21,6 @@ from lmforge.training.checkpoint import save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
-CLI = [sys.executable, "-m", "lmforge"]
 LINES = [
     "The quick brown fox jumps over the lazy dog. Hello, world!",
     "Grüße aus München: Äpfel, Öl und Übermut für die Straße.",
@@ -32,24 +30,8 @@ LINES = [
 PROMPT = "Grüße 你好 def"
 
 
-def lmforge(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
-def lmforge_all(*commands: tuple) -> list[subprocess.CompletedProcess]:
-    """Several independent CLI runs at once (each pays the ~2 s start-up of Python and torch)."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(lambda command: lmforge(*command), commands))
-
-
-def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit code 2, one line 'error: ...' on stderr, no traceback."""
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+def lmforge_all(*commands: tuple) -> list:
+    return run_all(*commands, workers=4)
 
 
 def random_checkpoint(path: Path, tok: Tokenizer, seed: int, **knobs) -> Path:

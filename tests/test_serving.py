@@ -1,0 +1,332 @@
+"""The OpenAI-compatible server: routes, SSE streaming, errors, auth, and the official openai client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from fastapi.testclient import TestClient
+
+from lmforge.api import LanguageModel
+from lmforge.config import ModelConfig
+from lmforge.inference.engine import Result
+from lmforge.models.decoder import DecoderLM
+from lmforge.serving import create_app
+from lmforge.tokenizer import Tokenizer
+
+LINES = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
+         "How vexingly quick daft zebras jump; 0123456789", "Sphinx of black quartz, judge my vow?",
+         "<|system|> <|user|> <|assistant|> :\n"]
+PROMPT = "Pack my box with five"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox?"}]
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_lm(seed: int = 1) -> LanguageModel:
+    """A tiny model with large random weights, so that greedy outputs are varied."""
+    tok = Tokenizer.train(LINES, kind="char")
+    model = DecoderLM(ModelConfig(vocab_size=tok.vocab_size, block_size=160, n_layer=2, n_head=4, n_embd=32)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return LanguageModel(model, tok)
+
+
+@pytest.fixture(scope="module")
+def lm() -> LanguageModel:
+    return make_lm()
+
+
+@pytest.fixture(scope="module")
+def client(lm):
+    with TestClient(create_app(lm, model_name=NAME, max_batch_size=4)) as c:
+        yield c
+
+
+def sse_events(text: str) -> list:
+    """Parse a Server-Sent Events body: every event is ``data: ...`` followed by a blank line."""
+    assert text.endswith("data: [DONE]\n\n")
+    events = []
+    for block in text.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        payload = block[len("data: "):]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+    return events[:-1]
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+# ------------------------------------------------------------------------------------------
+# Routes through TestClient
+# ------------------------------------------------------------------------------------------
+def test_health_and_models(client, lm):
+    assert client.get("/health").json() == {"status": "ok"}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [NAME]
+    assert models["data"][0]["object"] == "model"
+
+
+def test_completion_greedy_equals_the_python_api_and_usage_is_exact(client, lm):
+    expected = lm.complete(PROMPT, temperature=0, max_new_tokens=40)[0]
+    assert len(set(expected.token_ids)) >= 5
+    body = client.post("/v1/completions", json={"model": NAME, "prompt": PROMPT, "max_tokens": 40,
+                                                "temperature": 0, "unknown_field": 1}).json()
+    assert body["object"] == "text_completion" and body["model"] == NAME
+    [choice] = body["choices"]
+    assert choice["text"] == expected.text and choice["finish_reason"] == expected.finish_reason
+    prompt_tokens = len(lm.encode_prompt(PROMPT)[0])
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": len(expected.token_ids),
+                             "total_tokens": prompt_tokens + len(expected.token_ids)}
+
+
+def test_streamed_completion_joins_to_the_non_streamed_text(client, lm):
+    request = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+    whole = client.post("/v1/completions", json=request).json()
+    response = client.post("/v1/completions", json={**request, "stream": True,
+                                                    "stream_options": {"include_usage": True}})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    chunks = sse_events(response.text)
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["text"]
+    finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finals == [whole["choices"][0]["finish_reason"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert all(c["usage"] is None for c in chunks[:-1])
+
+
+def test_stop_text_never_in_the_output(client, lm):
+    full = lm.complete(PROMPT, temperature=0, max_new_tokens=40)[0].text
+    stop = full[5:8]
+    cut = full[:full.index(stop)]
+    for stream in (False, True):
+        response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 40, "temperature": 0,
+                                                        "stop": [stop, "never seen"], "stream": stream})
+        if stream:
+            text = "".join(c["choices"][0]["text"] for c in sse_events(response.text))
+        else:
+            text = response.json()["choices"][0]["text"]
+            assert response.json()["choices"][0]["finish_reason"] == "stop"
+        assert text == cut
+
+
+def test_n_samples_with_seeds_and_several_prompts(client, lm):
+    request = {"prompt": PROMPT, "max_tokens": 20, "temperature": 1.0, "n": 3, "seed": 11}
+    first = client.post("/v1/completions", json=request).json()
+    again = client.post("/v1/completions", json=request).json()
+    texts = [c["text"] for c in first["choices"]]
+    assert [c["index"] for c in first["choices"]] == [0, 1, 2] and texts == [c["text"] for c in again["choices"]]
+    assert len(set(texts)) > 1  # seed + i: different samples
+    one = client.post("/v1/completions", json={**request, "n": 1, "seed": 12}).json()
+    assert one["choices"][0]["text"] == texts[1]
+    assert first["usage"]["prompt_tokens"] == len(lm.encode_prompt(PROMPT)[0])
+
+    prompts = ["The ", "Sph"]
+    body = client.post("/v1/completions", json={"prompt": prompts, "max_tokens": 15, "temperature": 0}).json()
+    assert [c["text"] for c in body["choices"]] == [c.text for p in prompts
+                                                    for c in lm.complete(p, temperature=0, max_new_tokens=15)]
+
+
+def test_chat_completion_and_stream(client, lm):
+    expected = lm.chat(MESSAGES, temperature=0, max_new_tokens=30)
+    body = client.post("/v1/chat/completions", json={"messages": MESSAGES, "temperature": 0,
+                                                     "max_completion_tokens": 30}).json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected.text}
+    assert body["usage"]["prompt_tokens"] == len(lm.chat_prompt(MESSAGES))
+    assert body["usage"]["completion_tokens"] == len(expected.token_ids)
+    chunks = sse_events(client.post("/v1/chat/completions", json={"messages": MESSAGES, "temperature": 0,
+                                                                  "max_tokens": 30, "stream": True}).text)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected.text
+    assert chunks[-1]["choices"][0]["finish_reason"] == expected.finish_reason
+
+
+def test_tokenize_and_detokenize(client, lm):
+    body = client.post("/tokenize", json={"prompt": PROMPT}).json()
+    assert body["tokens"] == lm.encode_prompt(PROMPT)[0] and body["count"] == len(body["tokens"])
+    assert client.post("/detokenize", json={"tokens": body["tokens"]}).json() == {"prompt": PROMPT}
+    assert_error(client.post("/detokenize", json={"tokens": [10**6]}), 400)
+
+
+@pytest.mark.parametrize("path, body, status, code", [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", {"prompt": 3}, 400, None),
+    ("/v1/completions", {}, 400, None),
+    ("/v1/completions", {"prompt": "a", "temperature": -1}, 400, None),
+    ("/v1/completions", {"prompt": "a", "top_p": 2}, 400, None),
+    ("/v1/completions", {"prompt": "a", "max_tokens": "many"}, 400, None),
+    ("/v1/completions", {"prompt": "a", "n": 0}, 400, None),
+    ("/v1/completions", {"prompt": "a", "stop": [""]}, 400, None),
+    ("/v1/completions", {"prompt": []}, 400, None),
+    ("/v1/completions", {"prompt": "a", "logprobs": 2}, 400, None),
+    ("/v1/completions", {"prompt": "a", "model": "gpt-4"}, 404, "model_not_found"),
+    ("/v1/completions", {"prompt": "The quick brown fox " * 10}, 400, "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": []}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "The quick brown fox " * 10}]}, 400,
+     "context_length_exceeded"),
+    ("/v1/nothing", {}, 404, None),
+])
+def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(client, path, body, status, code):
+    if isinstance(body, bytes):
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        response = client.post(path, json=body)
+    assert_error(response, status, code)
+    ok = client.post("/v1/completions", json={"prompt": "The ", "max_tokens": 3, "temperature": 0})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 1
+
+
+def test_full_queue_is_429_with_retry_after(lm):
+    with TestClient(create_app(lm, max_queue=0)) as c:
+        response = c.post("/v1/completions", json={"prompt": "The ", "max_tokens": 3})
+        assert_error(response, 429, "queue_full")
+        assert response.headers["retry-after"]
+
+
+def test_api_key(lm):
+    with TestClient(create_app(lm, api_key="s3cret")) as c:
+        assert c.get("/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            assert_error(c.get("/v1/models", headers=headers), 401, "invalid_api_key")
+            assert_error(c.post("/v1/completions", json={"prompt": "a"}, headers=headers), 401)
+        good = {"Authorization": "Bearer s3cret"}
+        assert c.get("/v1/models", headers=good).status_code == 200
+        assert c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}, headers=good).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------
+# A real uvicorn server and the official openai client
+# ------------------------------------------------------------------------------------------
+class Server:
+    """uvicorn serving ``app`` in a background thread on a free loopback port."""
+
+    def __init__(self, app):
+        self.app = app
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        self.sock.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    with Server(create_app(lm, model_name=NAME, api_key="k")) as running:
+        yield running
+
+
+def test_openai_client_completions(server, lm):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+    assert [m.id for m in client.models.list()] == [NAME]
+    expected = lm.complete(PROMPT, temperature=0, max_new_tokens=30)[0]
+    result = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=30, temperature=0)
+    assert result.choices[0].text == expected.text and result.choices[0].finish_reason == expected.finish_reason
+    assert result.usage.completion_tokens == len(expected.token_ids)
+    stream = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=30, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+    assert chunks[-1].usage.total_tokens == result.usage.total_tokens
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="bad", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=NAME, prompt=PROMPT, temperature=-1)
+
+
+def test_openai_client_chat(server, lm):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+    expected = lm.chat(MESSAGES, temperature=0, max_new_tokens=25)
+    result = client.chat.completions.create(model=NAME, messages=MESSAGES, max_completion_tokens=25, temperature=0)
+    assert result.choices[0].message.content == expected.text and result.choices[0].message.role == "assistant"
+    assert result.usage.prompt_tokens == len(lm.chat_prompt(MESSAGES))
+    stream = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=25, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected.text
+
+
+def test_client_disconnect_cancels_its_request():
+    lm = make_lm()
+    prompt = "The "
+    assert lm.complete(prompt, temperature=0, max_new_tokens=120)[0].finish_reason == "length"
+    forward = lm.model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.01)
+        return forward(*args, **kwargs)
+
+    lm.model.forward = slow
+    app = create_app(lm, max_batch_size=2)
+    results = []
+
+    def spy(*args, **kwargs):  # record the Result the server's reader sees
+        handle = submit(*args, **kwargs)
+        next_event = handle.next_event
+
+        def recording(timeout=None):
+            event = next_event(timeout)
+            if isinstance(event, Result) and event not in results:
+                results.append(event)
+            return event
+
+        handle.next_event = recording
+        return handle
+
+    with Server(app) as running:
+        engine = app.state.engine
+        submit = engine.submit
+        engine.submit = spy
+        with httpx.Client(base_url=running.url) as http, http.stream(
+                "POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 120, "temperature": 0,
+                                                 "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+        deadline = time.monotonic() + 10
+        while not results or engine.num_running:
+            assert time.monotonic() < deadline, "the request was not cancelled"
+            time.sleep(0.01)
+        assert results[0].finish_reason == "cancelled" and results[0].completion_tokens < 120

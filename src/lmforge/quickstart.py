@@ -88,5 +88,7 @@ def quickstart(out: str | Path = "runs/quickstart", max_time: float = 300.0, inp
     print("next:")
     print(f"  lmforge generate {run_dir} --prompt \"The while statement\" --max-new-tokens 100 --stream")
     print(f"  lmforge perplexity {run_dir} --input README.md")
+    print(f"  lmforge serve {run_dir}            # OpenAI-compatible API at http://127.0.0.1:8000/v1")
+    print(f"  lmforge export hf {run_dir} hf-model  # for Hugging Face transformers")
     print(f"  lmforge pretrain --data {data_dir} --model gpt2-baby --out runs/baby --max-time 600")
     return summary

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +34,7 @@ from lmforge.models.lora import has_lora, merge_lora
 from lmforge.recipes.finetune import ExampleLossEvaluator, finetune
 from lmforge.training.checkpoint import fingerprint, load_model, resolve_checkpoint, save_checkpoint
 from lmforge.training.distributed import DistContext
+from process_control import kill_when
 
 WORDS = ["cat", "dog", "sun", "red", "box", "pen", "cup", "map"]
 
@@ -341,17 +341,6 @@ def lmforge_finetune(base: Path, data: Path, out: Path, *extra: str) -> list[str
             "--train.lr", "3e-3", "--train.warmup_steps", "5", "--train.batch_size", "4", "--train.log_interval", "5",
             "--train.device", "cpu", "--train.dtype", "fp32", "--train.num_threads", "1", "--train.progress",
             "false", *extra]
-
-
-def kill_when(process: subprocess.Popen, ready, extra_delay: float = 0.0) -> None:
-    deadline = time.monotonic() + 120
-    while not ready():
-        assert process.poll() is None, process.stderr.read() if process.stderr else "process ended early"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    time.sleep(extra_delay)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 @pytest.mark.slow

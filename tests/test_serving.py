@@ -28,12 +28,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 NAME = "tiny"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_lm(seed: int = 1) -> LanguageModel:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.recipes.pretrain import pretrain
 from lmforge.training.checkpoint import latest_checkpoint, load_model, prune_checkpoints, resolve_checkpoint
 from lmforge.training.optim import build_optimizer, learning_rate, parameter_groups
+from process_control import kill_when
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -134,17 +133,6 @@ def resume_config(char_data: Path, out: Path):
                                   keep_checkpoints=2)
     config.model.dropout = 0.1  # so that the dropout RNG state must be restored too
     return config
-
-
-def kill_when(process: subprocess.Popen, ready, extra_delay: float) -> None:
-    deadline = time.monotonic() + 120
-    while not ready():
-        assert process.poll() is None, process.stderr.read() if process.stderr else "process ended early"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    time.sleep(extra_delay)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 @pytest.mark.slow

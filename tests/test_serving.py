@@ -179,7 +179,10 @@ def test_tokenize_and_detokenize(client, lm):
     ("/v1/completions", {"prompt": "a", "n": 0}, 400, None),
     ("/v1/completions", {"prompt": "a", "stop": [""]}, 400, None),
     ("/v1/completions", {"prompt": []}, 400, None),
-    ("/v1/completions", {"prompt": "a", "logprobs": 2}, 400, None),
+    ("/v1/completions", {"prompt": "a", "logprobs": 21}, 400, None),
+    ("/v1/completions", {"prompt": "a", "presence_penalty": 2.5}, 400, None),
+    ("/v1/completions", {"prompt": "a", "echo": True}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, None),
     ("/v1/completions", {"prompt": "a", "model": "gpt-4"}, 404, "model_not_found"),
     ("/v1/completions", {"prompt": "The quick brown fox " * 10}, 400, "context_length_exceeded"),
     ("/v1/chat/completions", {"messages": []}, 400, None),
@@ -312,7 +315,7 @@ def test_client_disconnect_cancels_its_request():
         return handle
 
     with Server(app) as running:
-        engine = app.state.engine
+        engine = app.state.server.engine
         submit = engine.submit
         engine.submit = spy
         with httpx.Client(base_url=running.url) as http, http.stream(

@@ -299,6 +299,8 @@ class SamplingConfig:
     top_p: float | None = option(None, "sample among the most likely tokens whose probabilities add up to p")
     min_p: float | None = option(None, "drop tokens less likely than min_p times the most likely one")
     repetition_penalty: float = option(1.0, "penalise tokens already in the text (> 1 discourages repeats)")
+    presence_penalty: float = option(0.0, "subtract this from the logits of tokens already generated (-2 to 2)")
+    frequency_penalty: float = option(0.0, "subtract this times a token's count so far from its logit (-2 to 2)")
     stop: list[str] = option([], "stop when this text appears (may be given several times); not included")
     seed: int | None = option(None, "random seed for reproducible sampling")
     num_samples: int = option(1, "samples to draw per prompt")
@@ -317,6 +319,9 @@ class SamplingConfig:
                 raise ConfigError(f"{name} must be in (0, 1], not {value}")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty must be > 0, not {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ConfigError(f"{name} must be between -2 and 2, not {getattr(self, name)}")
         if self.num_samples < 1:
             raise ConfigError(f"num_samples must be >= 1, not {self.num_samples}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -325,6 +330,11 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Presence or frequency penalties are on: the sampler needs each token's count so far."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -208,11 +208,38 @@ class Tokenizer:
         """Text of ``ids``; special tokens are dropped unless ``skip_special_tokens`` is False."""
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level BPE token may hold part of a UTF-8 character);
+        a special token's bytes are its text."""
+        piece = self.hf.id_to_token(token_id)
+        if piece is None:
+            raise ConfigError(f"token id {token_id} is not in the vocabulary of {self.vocab_size} tokens")
+        added = self.hf.get_added_tokens_decoder().get(token_id)
+        if added is not None:
+            return added.content.encode("utf-8")
+        if isinstance(self.hf.decoder, decoders.ByteLevel):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        if byte := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):  # SentencePiece's byte fallback
+            return bytes([int(byte.group(1), 16)])
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
     def fingerprint(self) -> str:
         """A short hash identifying this tokenizer's vocabulary and rules."""
         import hashlib
 
         return hashlib.sha256(self.hf.to_str().encode("utf-8")).hexdigest()[:16]
+
+
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: each of the 256 printable stand-in characters -> its byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
+
+
+_BYTE_OF_CHAR = _byte_of_char()
 
 
 def token_text(value: object) -> str | None:

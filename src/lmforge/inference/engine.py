@@ -68,7 +68,7 @@ from lmforge.inference.sampling import pick_next
 from lmforge.models.decoder import SlotKVCache
 from lmforge.tokenizer import Tokenizer
 
-__all__ = ["Engine", "RequestHandle", "Result", "TextEvent", "TokenEvent"]
+__all__ = ["Engine", "RequestHandle", "Result", "TextEvent", "TokenEvent", "TokenLogprob"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +77,23 @@ logger = logging.getLogger(__name__)
 # Events a handle delivers
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class TokenEvent:
-    """A new completion token (the end-of-sequence token is never one)."""
+class TokenLogprob:
+    """A sampled token's log-probability under the model (raw logits: before penalties, temperature and
+    filtering, as vLLM and OpenAI report them) and the ``top`` most likely tokens as (id, logprob) pairs,
+    most likely first."""
 
     token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A new completion token (the end-of-sequence token is never one); ``logprob`` when the request
+    asked for log-probabilities."""
+
+    token_id: int
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,7 @@ class Result:
     time_to_first_token: float | None
     token_times: list[float]
     total_time: float
+    logprobs: list[TokenLogprob] | None = None
 
 
 Event = TokenEvent | TextEvent | Result
@@ -132,7 +146,9 @@ class _Request:
     eos_id: int | None
     stream: TextStream
     seen: Tensor | None            # (1, V) bool: tokens in the text so far (repetition penalty only)
+    counts: Tensor | None          # (1, V) float: occurrences in the completion (presence/frequency penalties)
     generator: torch.Generator | None
+    top_logprobs: int | None = None  # report log-probabilities with this many alternatives
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     state: str = "waiting"         # waiting -> running -> finished
     cancelled: bool = False        # set by cancel() from any thread; acted on by the next step
@@ -140,24 +156,29 @@ class _Request:
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float | None = None
     token_times: list[float] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def greedy_plain(self) -> bool:
-        """Greedy without repetition penalty: an arg-max over the batch serves it."""
-        return self.sampling.greedy and self.seen is None
+        """Greedy without penalties: an arg-max over the batch serves it."""
+        return self.sampling.greedy and self.seen is None and self.counts is None
 
-    def accept(self, token: int, now: float) -> str | None:
+    def accept(self, token: int, now: float, logprob: TokenLogprob | None = None) -> str | None:
         """Take the next sampled token, emit its events; return a finish reason once done."""
         if token == self.eos_id:
             return "stop"
         self.token_ids.append(token)
         self.token_times.append(now - self.submitted)
-        self.events.put(TokenEvent(token))
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        self.events.put(TokenEvent(token, logprob))
         piece = self.stream.push(token)
         if piece:
             self.events.put(TextEvent(piece))
         if self.seen is not None:
             self.seen[0, token] = True
+        if self.counts is not None:
+            self.counts[0, token] += 1
         if self.stream.stopped:
             return "stop"
         if len(self.token_ids) >= self.max_new_tokens:
@@ -176,7 +197,8 @@ class _Request:
             max_new_tokens=self.max_new_tokens,
             queue_time=None if self.admitted is None else self.admitted - self.submitted,
             time_to_first_token=self.token_times[0] if self.token_times else None,
-            token_times=list(self.token_times), total_time=time.perf_counter() - self.submitted))
+            token_times=list(self.token_times), total_time=time.perf_counter() - self.submitted,
+            logprobs=None if self.top_logprobs is None else list(self.logprobs)))
 
     def fail(self, error: BaseException) -> None:
         """Deliver an error: iterating the handle raises it."""
@@ -271,8 +293,10 @@ class Engine:
         self._stopping = False
 
     # ------------------------------------------------------------------ requests (any thread)
-    def submit(self, prompt_ids: list[int], sampling: SamplingConfig | None = None) -> RequestHandle:
-        """Queue a request; returns at once.
+    def submit(self, prompt_ids: list[int], sampling: SamplingConfig | None = None,
+               top_logprobs: int | None = None) -> RequestHandle:
+        """Queue a request; returns at once. With ``top_logprobs`` (0 or more), every token comes with its
+        :class:`TokenLogprob` and that many most likely alternatives.
 
         Raises :class:`RequestError` for an empty prompt, token ids outside the vocabulary, invalid
         sampling options, ``num_samples != 1``, a prompt that leaves no room in the context for a
@@ -292,6 +316,8 @@ class Engine:
             raise RequestError("prompt_ids must be a list of integer token ids") from None
         if not prompt:
             raise RequestError("the prompt needs at least one token")
+        if top_logprobs is not None and not 0 <= top_logprobs <= min(20, self.vocab_size):
+            raise RequestError(f"top_logprobs must be between 0 and {min(20, self.vocab_size)}, not {top_logprobs}")
         if not all(0 <= t < self.vocab_size for t in prompt):
             raise RequestError(f"token ids must be in [0, {self.vocab_size})")
         room = self.block_size - len(prompt)
@@ -303,13 +329,17 @@ class Engine:
         if sampling.repetition_penalty != 1.0:
             seen = torch.zeros((1, self.vocab_size), dtype=torch.bool, device=self.device)
             seen[0, prompt] = True
+        counts = None
+        if sampling.counts_tokens:
+            counts = torch.zeros((1, self.vocab_size), dtype=torch.float32, device=self.device)
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         request = _Request(
             id=next(self._ids), prompt=prompt, sampling=sampling, max_new_tokens=min(sampling.max_new_tokens, room),
             eos_id=None if sampling.ignore_eos else self.tokenizer.eos_id,
-            stream=TextStream(self.tokenizer, sampling.stop), seen=seen, generator=generator)
+            stream=TextStream(self.tokenizer, sampling.stop), seen=seen, counts=counts, generator=generator,
+            top_logprobs=top_logprobs)
         handle = RequestHandle(self, request, sampling.max_new_tokens)
         if request.max_new_tokens == 0:
             request.close("length")
@@ -375,13 +405,13 @@ class Engine:
                 logits = self.model(ids, cache=view, last_only=True)[:, -1]  # (1, V)
                 self.cache.set_length(row, view.length)
                 request.admitted = time.perf_counter()
-                token = self._pick(logits, [request])[0]
+                token, logprob = self._pick(logits, [request])[0]
             except BaseException as exc:
                 request.fail(exc)
                 raise
             self._running.append(request)
             self.cache.rows = len(self._running)
-            reason = request.accept(token, time.perf_counter())
+            reason = request.accept(token, time.perf_counter(), logprob)
             if reason is not None:
                 self._retire(row, reason)
 
@@ -393,18 +423,22 @@ class Engine:
                             last_only=True)[:, -1]  # (B, V)
         picked = self._pick(logits, self._running)
         now = time.perf_counter()
-        finished = [(row, reason) for row, (request, token) in enumerate(zip(self._running, picked))
-                    if (reason := request.accept(token, now)) is not None]
+        finished = [(row, reason) for row, (request, (token, logprob)) in enumerate(zip(self._running, picked))
+                    if (reason := request.accept(token, now, logprob)) is not None]
         for row, reason in reversed(finished):  # from the back, so moved rows are never finished ones
             self._retire(row, reason)
 
-    def _pick(self, logits: Tensor, requests: list[_Request]) -> list[int]:
-        """Next token of every row, each with its request's options: (B, V) logits -> B ids."""
+    def _pick(self, logits: Tensor, requests: list[_Request]) -> list[tuple[int, TokenLogprob | None]]:
+        """Next token of every row, each with its request's options, and its log-probability when asked:
+        (B, V) logits -> B (id, logprob) pairs."""
         picked = logits.argmax(dim=-1)  # (B,) serves every plain greedy row at once
         for row, request in enumerate(requests):
             if not request.greedy_plain:
-                picked[row] = pick_next(logits[row:row + 1], request.sampling, request.seen, request.generator)[0]
-        return picked.tolist()
+                picked[row] = pick_next(logits[row:row + 1], request.sampling, request.seen, request.generator,
+                                        request.counts)[0]
+        tokens = picked.tolist()
+        return [(token, None if request.top_logprobs is None else _logprob(logits[row], token, request.top_logprobs))
+                for row, (request, token) in enumerate(zip(requests, tokens))]
 
     def _retire(self, row: int, reason: str) -> None:
         """Free ``row``: the last running row moves into it, so rows stay packed."""
@@ -464,3 +498,11 @@ class Engine:
                         request.fail(exc)
                     self._running.clear()
                     self.cache.rows = 0
+
+
+def _logprob(logits: Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-probability and the ``top`` most likely tokens', from one row of raw logits (V,)."""
+    logprobs = logits.float().log_softmax(-1)
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist()))
+    return TokenLogprob(token, logprobs[token].item(), alternatives)

@@ -52,6 +52,9 @@ class TokenGenerator:
         if sampling.repetition_penalty != 1.0:
             self.seen = torch.zeros((B, self.vocab_size), dtype=torch.bool, device=self.device)
             self.seen.scatter_(1, self.history, self.mask)
+        self.counts = None  # (B, V) occurrences of each token in the completion
+        if sampling.counts_tokens:
+            self.counts = torch.zeros((B, self.vocab_size), dtype=torch.float32, device=self.device)
         self.generator = None
         if sampling.seed is not None:
             self.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
@@ -77,7 +80,7 @@ class TokenGenerator:
         for _ in range(self.sampling.max_new_tokens):
             if bool(self.finished.all()):
                 return
-            next_ids = pick_next(logits, self.sampling, self.seen, self.generator)  # (B,)
+            next_ids = pick_next(logits, self.sampling, self.seen, self.generator, self.counts)  # (B,)
             next_ids = next_ids.masked_fill(self.finished, self.pad_id)
             alive = ~self.finished
             yield next_ids
@@ -85,6 +88,8 @@ class TokenGenerator:
                 self.finished |= next_ids == self.eos_id
             if self.seen is not None:
                 self.seen[alive, next_ids[alive]] = True
+            if self.counts is not None:
+                self.counts[alive, next_ids[alive]] += 1
             # Finished rows keep decoding garbage that nobody reads; marking it real keeps the
             # attention mask (and so the arithmetic of the other rows) unchanged.
             self.history = torch.cat([self.history, next_ids[:, None]], dim=1)

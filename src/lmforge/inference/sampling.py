@@ -1,7 +1,8 @@
-"""Sampling settings and logits processors: repetition penalty, temperature, top-k, top-p, min-p.
+"""Sampling settings and logits processors: repetition, presence and frequency penalties, temperature,
+top-k, top-p, min-p.
 
-Order, as in Hugging Face ``generate``: repetition penalty, then temperature, top-k, top-p, min-p,
-then a draw (or the arg-max when ``temperature == 0``).
+Order, as in Hugging Face ``generate`` and vLLM: penalties (repetition, then presence/frequency), then
+temperature, top-k, top-p, min-p, then a draw (or the arg-max when ``temperature == 0``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from lmforge.config import SamplingConfig
 
-__all__ = ["SamplingConfig", "apply_repetition_penalty", "filter_logits", "pick_next"]
+__all__ = ["SamplingConfig", "apply_count_penalties", "apply_repetition_penalty", "filter_logits", "pick_next"]
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -23,6 +24,15 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def apply_count_penalties(logits: Tensor, counts: Tensor, presence: float, frequency: float) -> Tensor:
+    """OpenAI's presence and frequency penalties: subtract ``presence`` from the logit of every token that
+    occurs in the completion so far and ``frequency`` times its number of occurrences.
+
+    logits: (B, V) float; counts: (B, V) float, occurrences of each token in each row's completion.
+    """
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def filter_logits(logits: Tensor, config: SamplingConfig) -> Tensor:
@@ -46,11 +56,17 @@ def filter_logits(logits: Tensor, config: SamplingConfig) -> Tensor:
 
 
 def pick_next(logits: Tensor, config: SamplingConfig, seen: Tensor | None,
-              generator: torch.Generator | None) -> Tensor:
-    """The next token of every row: (B, V) logits -> (B,) ids."""
+              generator: torch.Generator | None, counts: Tensor | None = None) -> Tensor:
+    """The next token of every row: (B, V) logits -> (B,) ids.
+
+    ``seen``: (B, V) bool, tokens of the prompt and completion (for the repetition penalty); ``counts``:
+    (B, V) float, occurrences in the completion (for the presence and frequency penalties).
+    """
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+    if counts is not None:
+        logits = apply_count_penalties(logits, counts, config.presence_penalty, config.frequency_penalty)
     if config.greedy:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, config).softmax(dim=-1)

@@ -1,8 +1,7 @@
 """Request bodies of the OpenAI-compatible routes (pydantic), and the OpenAI error body.
 
 Unknown fields are ignored (as OpenAI's own server does for fields it does not know); fields that are
-known but not served yet (``logprobs``, presence/frequency penalties) are refused with a 400 by the
-routes when set to anything but their neutral value.
+known but not served (``echo``, ``suffix``, non-text message parts) are refused with a 400 by the routes.
 """
 
 from __future__ import annotations
@@ -11,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "DetokenizeRequest", "StreamOptions",
-           "TokenizeRequest", "error_body"]
+__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "DetokenizeRequest", "SamplingFields",
+           "StreamOptions", "TokenizeRequest", "error_body"]
 
 
 class _Body(BaseModel):
@@ -23,7 +22,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
+class SamplingFields(_Body):
     """The fields both generation routes share."""
 
     model: str | None = None
@@ -40,12 +39,13 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = False            # vLLM's extension: keep going past end-of-sequence (benchmarks)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
 
@@ -66,12 +66,12 @@ class ChatMessage(_Body):
         return "".join(parts)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class TokenizeRequest(_Body):

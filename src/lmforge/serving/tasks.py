@@ -1,0 +1,230 @@
+"""Task endpoints: ``POST /v1/generate``, ``/v1/summarize``, ``/v1/translate``, ``/v1/classify``,
+``/v1/answer``: JSON in, JSON out, each a thin layer over a :class:`TaskModel`.
+
+:class:`PromptTasks` serves every task with the loaded decoder: prompt templates for the generative
+tasks (decoded by the server's engine, so they share its batches, limits and metrics) and label
+likelihood scoring (:func:`lmforge.evaluation.harness.label_scores`) for classification. A
+task-specialised model (an encoder classifier, an encoder-decoder translator) plugs in by
+implementing :class:`TaskModel` and being set as the server's ``tasks``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import Field, field_validator
+
+from lmforge.api import LanguageModel
+from lmforge.config import SamplingConfig
+from lmforge.errors import LmforgeError
+from lmforge.evaluation.harness import CLASSIFICATION_TEMPLATE, QA_TEMPLATE, label_scores
+from lmforge.inference.engine import Engine
+from lmforge.serving.errors import APIError
+from lmforge.serving.generation import Generation, encode_prompt, sampling_options, submit
+from lmforge.serving.schemas import SamplingFields, _Body
+from lmforge.serving.state import authorize, server_of, set_usage
+
+__all__ = ["SUMMARIZE_TEMPLATE", "TRANSLATE_TEMPLATE", "PromptTasks", "TaskAnswer", "TaskModel", "router"]
+
+SUMMARIZE_TEMPLATE = "{text}\n\nTL;DR:"
+TRANSLATE_TEMPLATE = "Translate this text from {source} to {target}.\n{source}: {text}\n{target}:"
+
+
+@dataclass(frozen=True)
+class TaskAnswer:
+    """A generated answer and its token counts."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TaskModel(Protocol):
+    """What the task endpoints need. ``request`` is the HTTP request (for accounting and timeouts)."""
+
+    async def summarize(self, request: Request, text: str, sampling: SamplingConfig) -> TaskAnswer: ...
+
+    async def translate(self, request: Request, text: str, source: str | None, target: str,
+                        sampling: SamplingConfig) -> TaskAnswer: ...
+
+    async def answer(self, request: Request, question: str, context: str, sampling: SamplingConfig) -> TaskAnswer: ...
+
+    async def classify(self, request: Request, text: str, labels: list[str]) -> list[float]:
+        """Log-likelihood (nats) of each label for ``text``."""
+        ...
+
+
+class PromptTasks:
+    """Every task from a decoder language model: templates, then generation by the server's engine.
+
+    With a tokenizer that has a chat template, the filled template is sent as a user message.
+    """
+
+    def __init__(self, lm: LanguageModel, engine: Engine):
+        self.lm, self.engine = lm, engine
+
+    async def complete(self, request: Request, prompt: str, sampling: SamplingConfig, param: str = "prompt",
+                       chat: bool = False) -> TaskAnswer:
+        """Generate after ``prompt`` (or, with ``chat``, after a user message holding it)."""
+        if chat and self.lm.tokenizer.chat_template is not None:
+            ids = self.lm.chat_prompt([{"role": "user", "content": prompt}])
+            if len(ids) >= self.lm.context_length:
+                raise APIError(400, f"the {param} makes a prompt of {len(ids)} tokens but the model's context is "
+                                    f"{self.lm.context_length} tokens; shorten it", param=param,
+                               code="context_length_exceeded")
+        else:
+            ids = encode_prompt(self.lm, prompt, param)
+        set_usage(request, prompt_tokens=len(ids), prompt=prompt)
+        handles = submit(self.engine, [ids], sampling)
+        result = (await Generation(server_of(request), request, handles).results())[0]
+        finish = "length" if result.finish_reason == "length" else "stop"
+        return TaskAnswer(result.text.strip(), finish, len(ids), result.completion_tokens)
+
+    async def summarize(self, request: Request, text: str, sampling: SamplingConfig) -> TaskAnswer:
+        return await self.complete(request, SUMMARIZE_TEMPLATE.format(text=text), sampling, "text", chat=True)
+
+    async def translate(self, request: Request, text: str, source: str | None, target: str,
+                        sampling: SamplingConfig) -> TaskAnswer:
+        prompt = TRANSLATE_TEMPLATE.format(text=text, source=source or "the source language", target=target)
+        return await self.complete(request, prompt, sampling, "text", chat=True)
+
+    async def answer(self, request: Request, question: str, context: str, sampling: SamplingConfig) -> TaskAnswer:
+        prompt = QA_TEMPLATE.format(context=context, question=question)
+        return await self.complete(request, prompt, sampling, "context", chat=True)
+
+    async def classify(self, request: Request, text: str, labels: list[str]) -> list[float]:
+        set_usage(request, prompt=text)
+        try:  # a forward pass of its own, off the event loop (the engine's thread keeps decoding)
+            scores = await asyncio.to_thread(label_scores, self.lm, [text], labels, CLASSIFICATION_TEMPLATE)
+        except LmforgeError as exc:
+            raise APIError(400, str(exc), param="labels") from None
+        return scores[0].tolist()
+
+
+# ------------------------------------------------------------------------------------------
+# Request bodies
+# ------------------------------------------------------------------------------------------
+class _TaskSampling(SamplingFields):
+    """Sampling fields of the generative tasks: greedy unless asked otherwise, no streaming."""
+
+    temperature: float | None = Field(0.0, ge=0.0)
+    max_tokens: int = Field(64, ge=1)
+
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("task endpoints answer in one JSON body; stream with /v1/completions")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _one_answer(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("task endpoints give one answer (n must be 1)")
+        return value
+
+
+class GenerateRequest(_TaskSampling):
+    prompt: str
+    temperature: float | None = Field(None, ge=0.0)
+
+
+class SummarizeRequest(_TaskSampling):
+    text: str = Field(min_length=1)
+
+
+class TranslateRequest(_TaskSampling):
+    text: str = Field(min_length=1)
+    target_language: str = Field(min_length=1, max_length=100)
+    source_language: str | None = Field(None, min_length=1, max_length=100)
+
+
+class AnswerRequest(_TaskSampling):
+    question: str = Field(min_length=1)
+    context: str = Field(min_length=1)
+    max_tokens: int = Field(32, ge=1)
+
+
+class ClassifyRequest(_Body):
+    model: str | None = None
+    text: str = Field(min_length=1)
+    labels: list[str] = Field(min_length=1, max_length=100)
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, labels: list[str]) -> list[str]:
+        if any(not label.strip() for label in labels):
+            raise ValueError("labels must be non-empty text")
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels must be distinct")
+        return labels
+
+
+# ------------------------------------------------------------------------------------------
+# Routes
+# ------------------------------------------------------------------------------------------
+router = APIRouter(dependencies=[Depends(authorize)])
+
+
+def _tasks(request: Request, model: str | None) -> TaskModel:
+    server = server_of(request)
+    server.check_model(model)
+    server.ready()
+    return server.tasks
+
+
+def _answer(request: Request, field: str, answer: TaskAnswer) -> dict[str, Any]:
+    return {field: answer.text, "finish_reason": answer.finish_reason, "model": server_of(request).name,
+            "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                      "total_tokens": answer.prompt_tokens + answer.completion_tokens}}
+
+
+@router.post("/v1/generate")
+async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
+    """Plain continuation of ``prompt``: sampling as in /v1/completions (temperature 1 unless given)."""
+    server = server_of(request)
+    server.check_model(body.model)
+    lm, engine = server.ready()
+    answer = await PromptTasks(lm, engine).complete(request, body.prompt, sampling_options(body, body.max_tokens))
+    return _answer(request, "text", answer)
+
+
+@router.post("/v1/summarize")
+async def summarize(body: SummarizeRequest, request: Request) -> dict[str, Any]:
+    tasks = _tasks(request, body.model)
+    return _answer(request, "summary", await tasks.summarize(request, body.text,
+                                                             sampling_options(body, body.max_tokens)))
+
+
+@router.post("/v1/translate")
+async def translate(body: TranslateRequest, request: Request) -> dict[str, Any]:
+    tasks = _tasks(request, body.model)
+    answer = await tasks.translate(request, body.text, body.source_language, body.target_language,
+                                   sampling_options(body, body.max_tokens))
+    return _answer(request, "translation", answer)
+
+
+@router.post("/v1/answer")
+async def answer(body: AnswerRequest, request: Request) -> dict[str, Any]:
+    tasks = _tasks(request, body.model)
+    return _answer(request, "answer", await tasks.answer(request, body.question, body.context,
+                                                         sampling_options(body, body.max_tokens)))
+
+
+@router.post("/v1/classify")
+async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
+    tasks = _tasks(request, body.model)
+    logprobs = await tasks.classify(request, body.text, body.labels)
+    top = max(logprobs)
+    weights = [math.exp(lp - top) for lp in logprobs]
+    total = sum(weights)
+    scores = [{"label": label, "logprob": lp, "probability": w / total}
+              for label, lp, w in zip(body.labels, logprobs, weights)]
+    best = max(range(len(scores)), key=lambda i: logprobs[i])
+    return {"label": body.labels[best], "scores": scores, "model": server_of(request).name}

@@ -351,3 +351,62 @@ def test_stop_cancels_unfinished_requests_and_a_failed_step_reaches_its_clients(
         with pytest.raises(TypeError):
             handle.result(timeout=10)
         assert engine.num_running == 0
+
+
+def reference_greedy(model: DecoderLM, prompt: list[int], steps: int, presence: float = 0.0,
+                     frequency: float = 0.0) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding by full forward passes (no cache), with OpenAI's penalties written out; returns the
+    tokens and each step's raw log-probabilities (V,)."""
+    ids, logprobs = list(prompt), []
+    counts = torch.zeros(model.config.vocab_size)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids]))[0, -1].float()
+            logprobs.append(logits.log_softmax(-1))
+            token = int((logits - frequency * counts - presence * (counts > 0).float()).argmax())
+            counts[token] += 1
+            ids.append(token)
+    return ids[len(prompt):], logprobs
+
+
+@pytest.mark.parametrize("penalties", [{"presence_penalty": 1.5}, {"frequency_penalty": 0.8},
+                                       {"presence_penalty": -0.5, "frequency_penalty": 1.2}])
+def test_presence_and_frequency_penalties_equal_a_reference_under_concurrency(model, tok, penalties):
+    prompt = tok.encode(PROMPTS[1])
+    expected, _ = reference_greedy(model, prompt, 20, penalties.get("presence_penalty", 0.0),
+                                   penalties.get("frequency_penalty", 0.0))
+    plain, _ = reference_greedy(model, prompt, 20)
+    assert expected != plain  # the penalties change the text
+    engine = Engine(model, tok, max_batch_size=3)
+    others = [engine.submit(tok.encode(p), greedy(20)) for p in PROMPTS[2:4]]
+    handle = engine.submit(prompt, greedy(20, ignore_eos=True, **penalties))
+    engine.run_until_idle()
+    assert handle.result().token_ids == expected
+    assert all(o.result().finish_reason in ("stop", "length") for o in others)
+    lm = LanguageModel(model, tok)  # the batch generator of the Python API agrees
+    assert lm.complete(PROMPTS[1], max_new_tokens=20, temperature=0, ignore_eos=True, **penalties)[0].token_ids \
+        == expected
+
+
+def test_logprobs_are_the_models_raw_log_probabilities(model, tok):
+    prompt = tok.encode(PROMPTS[3])
+    tokens, logprobs = reference_greedy(model, prompt, 12)
+    engine = Engine(model, tok, max_batch_size=2)
+    handle = engine.submit(prompt, greedy(12, ignore_eos=True), top_logprobs=3)
+    plain = engine.submit(prompt, greedy(12, ignore_eos=True))
+    engine.run_until_idle()
+    result = handle.result()
+    assert result.token_ids == tokens and plain.result().logprobs is None
+    assert [t.token_id for t in result.logprobs] == tokens
+    for step, entry in enumerate(result.logprobs):
+        assert entry.logprob == pytest.approx(logprobs[step][entry.token_id].item(), abs=1e-4)
+        best = torch.topk(logprobs[step], 3)
+        assert [i for i, _ in entry.top] == best.indices.tolist()
+        assert [lp for _, lp in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert entry.top[0][0] == entry.token_id  # greedy picks the most likely token
+    events = engine.submit(prompt, greedy(3, ignore_eos=True), top_logprobs=0)
+    engine.run_until_idle()
+    streamed = [e.logprob for e in events if isinstance(e, TokenEvent)]
+    assert [(e.token_id, e.top) for e in streamed] == [(t, ()) for t in tokens[:3]]
+    with pytest.raises(RequestError, match="top_logprobs"):
+        engine.submit(prompt, greedy(3), top_logprobs=21)

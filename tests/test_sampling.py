@@ -16,7 +16,13 @@ from transformers import (
 )
 
 from lmforge.errors import ConfigError
-from lmforge.inference.sampling import SamplingConfig, apply_repetition_penalty, filter_logits, pick_next
+from lmforge.inference.sampling import (
+    SamplingConfig,
+    apply_count_penalties,
+    apply_repetition_penalty,
+    filter_logits,
+    pick_next,
+)
 
 B, V = 16, 50
 
@@ -220,6 +226,8 @@ def test_sampling_follows_the_distribution():
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"repetition_penalty": -1.0}, "repetition_penalty"),
     ({"num_samples": 0}, "num_samples"),
+    ({"presence_penalty": 2.01}, "presence_penalty"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"),
     ({"stop": [""]}, "stop"),
     ({"stop": ["ok", ""]}, "stop"),
 ])
@@ -231,4 +239,28 @@ def test_sampling_config_validate_errors(overrides, name):
 
 def test_sampling_config_valid_edges():
     SamplingConfig(max_new_tokens=0, temperature=0.0, top_k=1, top_p=1.0, min_p=1.0,
-                   repetition_penalty=0.5, stop=["\n"], seed=0, num_samples=3).validate()
+                   repetition_penalty=0.5, stop=["\n"], seed=0, num_samples=3, presence_penalty=-2.0,
+                   frequency_penalty=2.0).validate()
+
+
+# ------------------------------------------------------------------ presence and frequency penalties
+@pytest.mark.parametrize("presence, frequency", [(0.0, 0.0), (1.5, 0.0), (0.0, 0.7), (-0.5, 2.0)])
+def test_count_penalties_follow_openais_formula(presence, frequency):
+    logits = random_logits(5)
+    g = torch.Generator().manual_seed(9)
+    counts = torch.randint(0, 4, (B, V), generator=g).to(torch.float64)
+    ours = apply_count_penalties(logits, counts, presence, frequency)
+    for row in range(B):  # mu[j] - c[j] * frequency - (c[j] > 0) * presence, element by element
+        for j in range(V):
+            c = counts[row, j].item()
+            expected = logits[row, j].item() - c * frequency - (1.0 if c > 0 else 0.0) * presence
+            assert ours[row, j].item() == pytest.approx(expected)
+
+
+def test_greedy_pick_applies_count_penalties():
+    logits = torch.tensor([[3.0, 2.5, 0.0]])
+    counts = torch.tensor([[2.0, 0.0, 0.0]])
+    pick = lambda **penalties: pick_next(logits, SamplingConfig(temperature=0, **penalties), None, None, counts)
+    assert pick(frequency_penalty=0.2).item() == 0  # 3 - 2 * 0.2 = 2.6 > 2.5
+    assert pick(frequency_penalty=0.3).item() == 1  # 3 - 2 * 0.3 = 2.4 < 2.5
+    assert pick(presence_penalty=0.6).item() == 1   # 3 - 0.6 = 2.4 < 2.5

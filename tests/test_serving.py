@@ -2,45 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import socket
-import threading
 import time
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 
 from lmforge.api import LanguageModel
-from lmforge.config import ModelConfig
 from lmforge.inference.engine import Result
-from lmforge.models.decoder import DecoderLM
 from lmforge.serving import create_app
-from lmforge.tokenizer import Tokenizer
-
-LINES = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
-         "How vexingly quick daft zebras jump; 0123456789", "Sphinx of black quartz, judge my vow?",
-         "<|system|> <|user|> <|assistant|> :\n"]
-PROMPT = "Pack my box with five"
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox?"}]
-NAME = "tiny"
-
+from serving_helpers import MESSAGES, NAME, PROMPT, Server, assert_error, make_lm, sse_events
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_lm(seed: int = 1) -> LanguageModel:
-    """A tiny model with large random weights, so that greedy outputs are varied."""
-    tok = Tokenizer.train(LINES, kind="char")
-    model = DecoderLM(ModelConfig(vocab_size=tok.vocab_size, block_size=160, n_layer=2, n_head=4, n_embd=32)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-    return LanguageModel(model, tok)
 
 
 @pytest.fixture(scope="module")
@@ -52,27 +26,6 @@ def lm() -> LanguageModel:
 def client(lm):
     with TestClient(create_app(lm, model_name=NAME, max_batch_size=4)) as c:
         yield c
-
-
-def sse_events(text: str) -> list:
-    """Parse a Server-Sent Events body: every event is ``data: ...`` followed by a blank line."""
-    assert text.endswith("data: [DONE]\n\n")
-    events = []
-    for block in text.split("\n\n")[:-1]:
-        assert block.startswith("data: "), block
-        payload = block[len("data: "):]
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
-    return events[:-1]
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if code is not None:
-        assert error["code"] == code
-    return error
 
 
 # ------------------------------------------------------------------------------------------
@@ -222,35 +175,6 @@ def test_api_key(lm):
 # ------------------------------------------------------------------------------------------
 # A real uvicorn server and the official openai client
 # ------------------------------------------------------------------------------------------
-class Server:
-    """uvicorn serving ``app`` in a background thread on a free loopback port."""
-
-    def __init__(self, app):
-        self.app = app
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
-        self.sock.close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
 @pytest.fixture(scope="module")
 def server(lm):
     with Server(create_app(lm, model_name=NAME, api_key="k")) as running:
@@ -328,3 +252,60 @@ def test_client_disconnect_cancels_its_request():
             assert time.monotonic() < deadline, "the request was not cancelled"
             time.sleep(0.01)
         assert results[0].finish_reason == "cancelled" and results[0].completion_tokens < 120
+
+
+# ------------------------------------------------------------------------------------------
+# Log-probabilities and penalties
+# ------------------------------------------------------------------------------------------
+def reference_logprobs(lm: LanguageModel, ids: list[int], completion: list[int]) -> torch.Tensor:
+    """(len(completion), V) raw log-probabilities of each completion position, by one full forward pass."""
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ids + completion]))[0, len(ids) - 1:-1].float()
+    return logits.log_softmax(-1)
+
+
+def test_completion_logprobs_in_openais_legacy_format(client, lm):
+    request = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "logprobs": 3, "ignore_eos": True}
+    choice = client.post("/v1/completions", json=request).json()["choices"][0]
+    tokens = lm.complete(PROMPT, temperature=0, max_new_tokens=12, ignore_eos=True)[0].token_ids
+    expected = reference_logprobs(lm, lm.encode_prompt(PROMPT)[0], tokens)
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == [lm.tokenizer.decode([t]) for t in tokens]
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    assert logprobs["token_logprobs"] == pytest.approx(expected.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+                                                       .tolist(), abs=1e-4)
+    for step, top in enumerate(logprobs["top_logprobs"]):
+        best = torch.topk(expected[step], 3)
+        assert list(top) == [lm.tokenizer.decode([i]) for i in best.indices.tolist()]
+        assert list(top.values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert logprobs["text_offset"] == [len(PROMPT) + len(choice["text"][:i]) for i in range(len(tokens))]
+
+    stream = sse_events(client.post("/v1/completions", json={**request, "stream": True}).text)
+    streamed = [c["choices"][0]["logprobs"] for c in stream if c["choices"][0]["logprobs"]]
+    for key in ("tokens", "token_logprobs", "text_offset"):
+        assert [x for part in streamed for x in part[key]] == logprobs[key]
+
+
+def test_chat_logprobs_with_bytes(client, lm):
+    request = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    choice = client.post("/v1/chat/completions", json=request).json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert "".join(entry["token"] for entry in content) == choice["message"]["content"]
+    for entry in content:
+        assert bytes(entry["bytes"]).decode() == entry["token"] and len(entry["top_logprobs"]) == 2
+        assert entry["top_logprobs"][0]["token"] == entry["token"]  # greedy: the best token
+        assert entry["logprob"] == pytest.approx(entry["top_logprobs"][0]["logprob"])
+        assert entry["top_logprobs"][0]["logprob"] >= entry["top_logprobs"][1]["logprob"]
+    no_top = client.post("/v1/chat/completions", json={**request, "top_logprobs": None}).json()
+    assert all(entry["top_logprobs"] == [] for entry in no_top["choices"][0]["logprobs"]["content"])
+    plain = client.post("/v1/chat/completions", json={**request, "logprobs": False, "top_logprobs": None}).json()
+    assert plain["choices"][0]["logprobs"] is None
+
+
+def test_presence_and_frequency_penalties_reach_the_sampler(client, lm):
+    request = {"prompt": PROMPT, "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    for penalties in ({"presence_penalty": 1.5}, {"frequency_penalty": 0.9}):
+        expected = lm.complete(PROMPT, temperature=0, max_new_tokens=30, ignore_eos=True, **penalties)[0].text
+        body = client.post("/v1/completions", json={**request, **penalties}).json()
+        assert body["choices"][0]["text"] == expected
+    assert expected != client.post("/v1/completions", json=request).json()["choices"][0]["text"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import __version__
-from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 
 log = logging.getLogger("lmforge")
 
@@ -163,22 +163,81 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    """Start the HTTP server at once (``/health`` says 503 while loading), load the model behind it."""
     import uvicorn
 
     from lmforge.api import LanguageModel
+    from lmforge.interop.hf import is_hf_folder
     from lmforge.serving import create_app
+    from lmforge.serving.request_log import RequestLog, default_log_path
+    from lmforge.training.checkpoint import resolve_checkpoint
 
     if args.port < 0 or args.port > 65535:
         raise ConfigError(f"--port must be between 0 and 65535, not {args.port}")
     if args.max_batch_size < 1 or args.max_queue < 1:
         raise ConfigError("--max-batch-size and --max-queue must be >= 1")
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise ConfigError(f"--request-timeout must be > 0 seconds, not {args.request_timeout}")
+    if args.max_body_size < 1024:
+        raise ConfigError(f"--max-body-size must be at least 1024 bytes, not {args.max_body_size}")
+    checkpoint = Path(args.checkpoint)
+    if not is_hf_folder(checkpoint):
+        resolve_checkpoint(checkpoint)  # a missing or foreign folder is an error now, not after start-up
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logging.getLogger("lmforge").warning("serving on %s without --api-key: anyone who can reach this address "
                                              "can use the model", args.host)
-    lm = LanguageModel.load(args.checkpoint, device=args.device, dtype=args.dtype)
-    app = create_app(lm, api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
-    print(f"serving {args.checkpoint} at http://{args.host}:{args.port}/v1 (OpenAI-compatible); Ctrl-C stops")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    log = None
+    if not args.no_request_log:
+        log_path = Path(args.request_log) if args.request_log else default_log_path(checkpoint)
+        log = RequestLog(log_path, log_prompts=args.log_prompts)
+    failure: list[BaseException] = []
+
+    def stop_on_failure(exc: BaseException) -> None:
+        failure.append(exc)
+        server.should_exit = True
+
+    app = create_app(lambda: LanguageModel.load(checkpoint, device=args.device, dtype=args.dtype),
+                     api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                     model_name=checkpoint.resolve().name, request_timeout=args.request_timeout,
+                     max_body_bytes=args.max_body_size, request_log=log, on_load_error=stop_on_failure)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {args.checkpoint} at http://{shown}:{args.port}/v1 (OpenAI-compatible), web page at "
+          f"http://{shown}:{args.port}/" + (f"; requests logged to {log.path}" if log else "") + "; Ctrl-C stops",
+          flush=True)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind
+        if server.started:
+            raise
+    finally:
+        if log is not None:
+            log.close()
+    if failure:
+        error = failure[0]
+        raise error if isinstance(error, LmforgeError) else CheckpointError(f"could not load the model: {error}")
+    if not server.started:
+        raise ConfigError(f"could not listen on {args.host}:{args.port} (is the port in use?)")
+
+
+def cmd_requests(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from lmforge.serving.request_log import format_records, format_summary, recent, summarize
+
+    if args.last is not None and args.last < 1:
+        raise ConfigError(f"--last must be >= 1, not {args.last}")
+    summary = summarize(args.log)
+    records = recent(summary["path"], args.last) if args.last else None
+    if args.json:
+        if records is not None:
+            summary["recent"] = [asdict(r) for r in records]
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        return
+    print(format_summary(summary))
+    if records is not None:
+        print(f"\nlast {len(records)} request(s):")
+        print(format_records(records))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -385,9 +444,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests waiting beyond the batch")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests waiting beyond the batch; more get 429")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                   help="stop a generation running longer than S seconds with a 408 (default: no limit)")
+    p.add_argument("--max-body-size", type=int, default=1 << 20, metavar="BYTES",
+                   help="larger request bodies get 413")
+    p.add_argument("--request-log", default=None, metavar="DB",
+                   help="SQLite file recording every request (default: requests.sqlite3 in the checkpoint folder)")
+    p.add_argument("--no-request-log", action="store_true", help="record nothing")
+    p.add_argument("--log-prompts", action="store_true", help="also record prompt text in the request log")
     _add_device_options(p)
     p.set_defaults(func=cmd_serve)
+
+    p = command("requests", "summarize the requests a server recorded (counts, tokens, latency, errors)",
+                "Summarize a request log written by 'lmforge serve': requests by endpoint and outcome, tokens, "
+                "latency and time-to-first-token percentiles, the most common errors.")
+    p.add_argument("log", metavar="CHECKPOINT_OR_DB",
+                   help="the request log file, or the checkpoint/run folder holding requests.sqlite3")
+    p.add_argument("--last", type=int, default=None, metavar="N", help="also list the last N requests")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=cmd_requests)
 
     p = command("generate", "generate text from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint or run directory")

@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install install-test quickstart test lint bench clean
+.PHONY: install install-test browser quickstart test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,20 @@ install: $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH)
 	$(BIN)/python -m pip install -q -e .
 
-install-test: install
+install-test: install browser
 	$(BIN)/python -m pip install -q -e '.[test]'
+
+# Chromium for the web page's browser test (tests/e2e/test_web_page.py, driven by the playwright package
+# from the test extra). Installed with apt-get when we can (Debian, as root); else that test is skipped.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium (apt-get) for the browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "note: /usr/bin/chromium is missing and cannot be installed here (needs apt-get as root):"; \
+		echo "      the browser test (tests/e2e/test_web_page.py) will be skipped"; \
+	fi
 
 quickstart: install
 	$(BIN)/lmforge quickstart

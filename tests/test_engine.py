@@ -410,3 +410,38 @@ def test_logprobs_are_the_models_raw_log_probabilities(model, tok):
     assert [(e.token_id, e.top) for e in streamed] == [(t, ()) for t in tokens[:3]]
     with pytest.raises(RequestError, match="top_logprobs"):
         engine.submit(prompt, greedy(3), top_logprobs=21)
+
+
+def test_a_listener_gets_the_events_a_handle_would_queue(model, tok):
+    prompt = tok.encode(PROMPTS[1])
+    engine = Engine(model, tok, max_batch_size=2)
+    heard: list = []
+    listened = engine.submit(prompt, greedy(15), listener=heard.append)
+    queued = engine.submit(prompt, greedy(15))
+    engine.run_until_idle()
+    assert [e for e in heard if not isinstance(e, Result)] == [e for e in queued if not isinstance(e, Result)]
+    assert isinstance(heard[-1], Result) and heard[-1].token_ids == queued.result().token_ids
+    with pytest.raises(RuntimeError, match="listener"):
+        listened.next_event()
+
+    def broken(event):  # a listener whose consumer is gone: the request is cancelled, the engine goes on
+        raise RuntimeError("event loop is closed")
+
+    gone = engine.submit(prompt, greedy(40), listener=broken)
+    engine.run_until_idle()
+    assert gone.done and engine.num_running == 0
+
+
+def test_call_runs_jobs_in_the_stepping_thread_between_steps(model, tok):
+    with Engine(model, tok, max_batch_size=2) as engine:
+        handle = engine.submit(tok.encode(PROMPTS[0]), greedy(30))
+        names = engine.call(lambda: threading.current_thread().name)
+        assert names.result(timeout=10) == "lmforge-engine"
+        failing = engine.call(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            failing.result(timeout=10)
+        assert handle.result(timeout=10).finish_reason in ("stop", "length")
+    idle = Engine(model, tok)
+    job = idle.call(lambda: 7)
+    idle.run_until_idle()
+    assert job.result() == 7

@@ -225,18 +225,13 @@ def test_client_disconnect_cancels_its_request():
     app = create_app(lm, max_batch_size=2)
     results = []
 
-    def spy(*args, **kwargs):  # record the Result the server's reader sees
-        handle = submit(*args, **kwargs)
-        next_event = handle.next_event
-
-        def recording(timeout=None):
-            event = next_event(timeout)
-            if isinstance(event, Result) and event not in results:
+    def spy(*args, listener, **kwargs):  # record the Result the server sees
+        def recording(event):
+            if isinstance(event, Result):
                 results.append(event)
-            return event
+            listener(event)
 
-        handle.next_event = recording
-        return handle
+        return submit(*args, listener=recording, **kwargs)
 
     with Server(app) as running:
         engine = app.state.server.engine

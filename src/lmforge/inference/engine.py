@@ -55,8 +55,10 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -150,6 +152,7 @@ class _Request:
     generator: torch.Generator | None
     top_logprobs: int | None = None  # report log-probabilities with this many alternatives
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    listener: Callable[[Event | BaseException], None] | None = None  # called instead of queueing events
     state: str = "waiting"         # waiting -> running -> finished
     cancelled: bool = False        # set by cancel() from any thread; acted on by the next step
     token_ids: list[int] = field(default_factory=list)
@@ -171,10 +174,10 @@ class _Request:
         self.token_times.append(now - self.submitted)
         if logprob is not None:
             self.logprobs.append(logprob)
-        self.events.put(TokenEvent(token, logprob))
+        self.emit(TokenEvent(token, logprob))
         piece = self.stream.push(token)
         if piece:
-            self.events.put(TextEvent(piece))
+            self.emit(TextEvent(piece))
         if self.seen is not None:
             self.seen[0, token] = True
         if self.counts is not None:
@@ -189,9 +192,9 @@ class _Request:
         """Release the held-back text (never a stop string) and deliver the :class:`Result`."""
         rest = self.stream.close()
         if rest:
-            self.events.put(TextEvent(rest))
+            self.emit(TextEvent(rest))
         self.state = "finished"
-        self.events.put(Result(
+        self.emit(Result(
             request_id=self.id, token_ids=list(self.token_ids), text=self.stream.text, finish_reason=reason,
             prompt_tokens=len(self.prompt), completion_tokens=len(self.token_ids),
             max_new_tokens=self.max_new_tokens,
@@ -203,7 +206,17 @@ class _Request:
     def fail(self, error: BaseException) -> None:
         """Deliver an error: iterating the handle raises it."""
         self.state = "finished"
-        self.events.put(error)
+        self.emit(error)
+
+    def emit(self, event: Event | BaseException) -> None:
+        """Hand an event to the listener (any exception it raises cancels the request), or queue it."""
+        if self.listener is None:
+            self.events.put(event)
+            return
+        try:
+            self.listener(event)
+        except Exception:  # the listener's consumer is gone (e.g. a closed event loop)
+            self.cancelled = True
 
 
 class RequestHandle:
@@ -236,6 +249,8 @@ class RequestHandle:
         :class:`Result` it keeps returning the Result. Raises the engine's error if the step failed."""
         if self._result is not None:
             return self._result
+        if self._request.listener is not None:
+            raise RuntimeError("this request's events go to its listener")
         event = self._request.events.get(timeout=timeout)
         if isinstance(event, BaseException):
             raise event
@@ -291,12 +306,19 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._stopped = threading.Event()  # set while no loop runs
+        self._stopped.set()
+        self._jobs: list[tuple[Future, Callable[[], Any]]] = []
 
     # ------------------------------------------------------------------ requests (any thread)
     def submit(self, prompt_ids: list[int], sampling: SamplingConfig | None = None,
-               top_logprobs: int | None = None) -> RequestHandle:
+               top_logprobs: int | None = None,
+               listener: Callable[[Event | BaseException], None] | None = None) -> RequestHandle:
         """Queue a request; returns at once. With ``top_logprobs`` (0 or more), every token comes with its
-        :class:`TokenLogprob` and that many most likely alternatives.
+        :class:`TokenLogprob` and that many most likely alternatives. With ``listener``, events are not
+        queued for the handle: the listener gets each one (or the exception that failed the request) as it
+        happens, in the stepping thread (an asyncio server passes ``loop.call_soon_threadsafe`` onwards:
+        no thread waits per request). It must be quick and must not call the engine.
 
         Raises :class:`RequestError` for an empty prompt, token ids outside the vocabulary, invalid
         sampling options, ``num_samples != 1``, a prompt that leaves no room in the context for a
@@ -339,7 +361,7 @@ class Engine:
             id=next(self._ids), prompt=prompt, sampling=sampling, max_new_tokens=min(sampling.max_new_tokens, room),
             eos_id=None if sampling.ignore_eos else self.tokenizer.eos_id,
             stream=TextStream(self.tokenizer, sampling.stop), seen=seen, counts=counts, generator=generator,
-            top_logprobs=top_logprobs)
+            top_logprobs=top_logprobs, listener=listener)
         handle = RequestHandle(self, request, sampling.max_new_tokens)
         if request.max_new_tokens == 0:
             request.close("length")
@@ -371,11 +393,24 @@ class Engine:
         return len(self._running)
 
     # ------------------------------------------------------------------ scheduling (one thread)
+    def call(self, function: Callable[[], Any]) -> Future:
+        """Run ``function`` in the stepping thread between two steps (any thread may call this); its result
+        or exception arrives in the returned future. For other work on the model (e.g. scoring): on a CPU,
+        torch runs fastest when a single thread does all the computing (OpenMP keeps one worker team per
+        computing thread, and with more teams than cores its workers stop spinning)."""
+        job: Future = Future()
+        with self._cond:
+            self._jobs.append((job, function))
+            self._cond.notify_all()
+        return job
+
     @torch.inference_mode()
     def step(self) -> int:
-        """One scheduling round: retire cancelled rows, admit waiting requests, decode one token for
-        every running request. Returns the size of the decoding batch (0 when nothing ran)."""
+        """One scheduling round: run queued :meth:`call` jobs, retire cancelled rows, admit waiting requests,
+        decode one token for every running request. Returns the size of the decoding batch (0 when
+        nothing ran)."""
         with self._step_lock:
+            self._run_jobs()
             for row in reversed([row for row, r in enumerate(self._running) if r.cancelled]):
                 self._retire(row, "cancelled")
             self._admit()
@@ -386,9 +421,19 @@ class Engine:
             return batch
 
     def run_until_idle(self) -> None:
-        """Step until no request runs or waits (without a background thread)."""
-        while self._running or self._waiting:
+        """Step until no request runs or waits and no job is queued (without a background thread)."""
+        while self._running or self._waiting or self._jobs:
             self.step()
+
+    def _run_jobs(self) -> None:
+        with self._cond:
+            jobs, self._jobs = self._jobs, []
+        for job, function in jobs:
+            if job.set_running_or_notify_cancel():
+                try:
+                    job.set_result(function())
+                except BaseException as exc:
+                    job.set_exception(exc)
 
     def _admit(self) -> None:
         """Move waiting requests into free slots: prefill each alone into its row, sample its first token."""
@@ -452,26 +497,39 @@ class Engine:
 
     # ------------------------------------------------------------------ background thread
     def start(self) -> None:
-        """Run the scheduling loop in a background (daemon) thread."""
+        """Run the scheduling loop (:meth:`run`) in a background (daemon) thread."""
         if self._thread is not None:
             raise RuntimeError("the engine is already running")
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="lmforge-engine", daemon=True)
         self._thread.start()
 
+    def run(self) -> None:
+        """The scheduling loop, in the calling thread, until :meth:`stop`: step while there is work, sleep
+        otherwise. Run it in the thread that loaded the model (see :meth:`call`), or use :meth:`start`."""
+        self._stopped.clear()
+        try:
+            self._loop()
+        finally:
+            self._stopped.set()
+
     def stop(self) -> None:
-        """Stop the loop (after its current step) and cancel every unfinished request."""
+        """Stop the loop (after its current step) and cancel every unfinished request and job."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._stopped.wait()
         with self._step_lock:
             with self._cond:
                 waiting, self._waiting = list(self._waiting), deque()
+                jobs, self._jobs = self._jobs, []
             for request in waiting:
                 request.close("cancelled")
+            for job, _ in jobs:
+                job.cancel()
             while self._running:
                 self._retire(len(self._running) - 1, "cancelled")
 
@@ -485,7 +543,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._running:
+                while not self._stopping and not self._waiting and not self._running and not self._jobs:
                     self._cond.wait()
                 if self._stopping:
                     return

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -33,6 +34,7 @@ from lmforge.errors import LmforgeError
 from lmforge.inference.engine import Engine
 from lmforge.serving import completions, tasks
 from lmforge.serving.errors import APIError, from_lmforge_error
+from lmforge.serving.generation import EventRelay
 from lmforge.serving.metrics import CONTENT_TYPE_LATEST
 from lmforge.serving.middleware import ServingMiddleware
 from lmforge.serving.schemas import DetokenizeRequest, TokenizeRequest
@@ -76,36 +78,42 @@ def create_app(model: LanguageModel | Callable[[], LanguageModel], *, api_key: s
     server = ServerState(name=model_name, api_key=api_key, request_timeout=request_timeout,
                          max_body_bytes=max_body_bytes, request_log=request_log, created=int(time.time()))
 
-    def start(lm: LanguageModel) -> Engine:
-        engine = Engine(lm.model, lm.tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
-        engine.start()
+    def publish(lm: LanguageModel, engine: Engine) -> None:
         server.metrics.watch(engine)
         server.lm, server.engine, server.tasks = lm, engine, tasks.PromptTasks(lm, engine)
-        return engine
 
-    async def load_in_background(loader: Callable[[], LanguageModel]) -> None:
+    def load_and_serve(loop: asyncio.AbstractEventLoop) -> None:
+        """The engine's thread: load the model, then run the engine's loop here, so that one thread does
+        all the computing (see :meth:`Engine.call`)."""
         try:
-            lm = await asyncio.to_thread(loader)
-            start(lm)
-            logger.info("model %s loaded; serving", server.name)
+            lm = model()
+            engine = Engine(lm.model, lm.tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
         except Exception as exc:
             server.load_error = str(exc)
             logger.error("the model could not be loaded: %s", exc)
             if on_load_error is not None:
-                on_load_error(exc)
+                loop.call_soon_threadsafe(on_load_error, exc)
+            return
+        try:
+            loop.call_soon_threadsafe(publish, lm, engine)
+        except RuntimeError:  # the app already shut down
+            return
+        logger.info("model %s loaded; serving", server.name)
+        engine.run()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = None
+        loop = asyncio.get_running_loop()
+        server.relay = EventRelay(loop)
         if isinstance(model, LanguageModel):
-            start(model)
+            engine = Engine(model.model, model.tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+            engine.start()
+            publish(model, engine)
         else:
-            loading = asyncio.create_task(load_in_background(model))
+            threading.Thread(target=load_and_serve, args=(loop,), name="lmforge-engine", daemon=True).start()
         try:
             yield
         finally:
-            if loading is not None and not loading.done():
-                loading.cancel()  # the load itself runs on in its thread; its engine is never started
             if server.engine is not None:
                 server.engine.stop()
             server.engine = server.tasks = None

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from lmforge.inference.engine import Result, TextEvent, TokenEvent, TokenLogprob
 from lmforge.serving.errors import APIError
-from lmforge.serving.generation import Generation, encode_prompt, sampling_options, submit
+from lmforge.serving.generation import Generation, encode_prompt, sampling_options
 from lmforge.serving.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from lmforge.serving.state import authorize, server_of, set_usage
 from lmforge.tokenizer import Tokenizer
@@ -38,10 +38,10 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     sampling = sampling_options(body, body.max_tokens)
     encoded = [encode_prompt(lm, p) for p in prompts]
     set_usage(request, prompt_tokens=sum(map(len, encoded)), prompt="\n".join(prompts))
-    handles = submit(engine, encoded, sampling, body.n, body.logprobs)
+    generation = Generation(server, request, engine, encoded, sampling, body.n, body.logprobs)
     reply = _Reply("completion", server.name, sum(map(len, encoded)), lm.tokenizer,
-                   [len(prompts[i // body.n]) for i in range(len(handles))])
-    return await reply.send(Generation(server, request, handles), body)
+                   [len(prompts[i // body.n]) for i in range(len(generation.handles))])
+    return await reply.send(generation, body)
 
 
 @router.post("/v1/chat/completions")
@@ -64,9 +64,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = sampling_options(body, lm.context_length if limit is None else limit)
     set_usage(request, prompt_tokens=len(ids), prompt=json.dumps(messages, ensure_ascii=False))
-    handles = submit(engine, [ids], sampling, body.n, (body.top_logprobs or 0) if body.logprobs else None)
-    reply = _Reply("chat", server.name, len(ids), lm.tokenizer, [0] * len(handles))
-    return await reply.send(Generation(server, request, handles), body)
+    generation = Generation(server, request, engine, [ids], sampling, body.n,
+                            (body.top_logprobs or 0) if body.logprobs else None)
+    reply = _Reply("chat", server.name, len(ids), lm.tokenizer, [0] * len(generation.handles))
+    return await reply.send(generation, body)
 
 
 class _Reply:
@@ -154,16 +155,22 @@ class _Reply:
             if self.kind == "chat":
                 for index in range(count):
                     yield _sse(self._chunk(index, "", None, role=True, usage=include_usage))
+            written: list[str] = []  # chunks of the events at hand, sent in one write
             async for index, event in generation.events():
                 if isinstance(event, TokenEvent) and event.logprob is not None:
                     pending[index].append(event.logprob)
                 elif isinstance(event, TextEvent):
-                    yield _sse(self._chunk(index, event.text, None, logprobs(index), usage=include_usage))
+                    written.append(_sse(self._chunk(index, event.text, None, logprobs(index), usage=include_usage)))
                     sent_chars[index] += len(event.text)
                 elif isinstance(event, Result):
                     completion_tokens += event.completion_tokens
-                    yield _sse(self._chunk(index, None if self.kind == "chat" else "", _finish(event),
-                                           logprobs(index), usage=include_usage))
+                    written.append(_sse(self._chunk(index, None if self.kind == "chat" else "", _finish(event),
+                                                    logprobs(index), usage=include_usage)))
+                if written and not generation.backlog():
+                    yield "".join(written)
+                    written.clear()
+            if written:
+                yield "".join(written)
             if include_usage:
                 yield _sse({"id": self.id, "object": "text_completion" if self.kind == "completion"
                             else "chat.completion.chunk", "created": self.created, "model": self.model,

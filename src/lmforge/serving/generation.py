@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -24,7 +26,7 @@ from lmforge.serving.errors import APIError, from_lmforge_error
 from lmforge.serving.schemas import SamplingFields
 from lmforge.serving.state import ServerState, set_usage
 
-__all__ = ["Generation", "encode_prompt", "sampling_options", "submit"]
+__all__ = ["EventRelay", "Generation", "encode_prompt", "sampling_options"]
 
 
 def sampling_options(body: SamplingFields, max_tokens: int | None) -> SamplingConfig:
@@ -62,56 +64,72 @@ def encode_prompt(lm: LanguageModel, prompt: str, param: str = "prompt") -> list
     return ids
 
 
-def submit(engine: Engine, prompts: list[list[int]], sampling: SamplingConfig, n: int = 1,
-           top_logprobs: int | None = None) -> list[RequestHandle]:
-    """Submit every prompt ``n`` times (seeds ``seed + i``), all or nothing: a refusal (full queue, bad
-    options) cancels what was already submitted and raises as an :class:`APIError`."""
-    handles: list[RequestHandle] = []
-    try:
-        for ids in prompts:
-            for i in range(n):
-                seed = None if sampling.seed is None else sampling.seed + i
-                options = dataclasses.replace(sampling, seed=seed, stop=list(sampling.stop))
-                handles.append(engine.submit(ids, options, top_logprobs=top_logprobs))
-    except BaseException as exc:
-        for handle in handles:
-            handle.cancel()
-        if isinstance(exc, LmforgeError):
-            raise from_lmforge_error(exc) from None
-        raise
-    return handles
+class EventRelay:
+    """Carries events from the engine's thread to asyncio queues on one loop, in order, waking the loop
+    once per burst: the first event of a burst schedules a drain, later ones join it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: deque[tuple[asyncio.Queue, object]] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def push(self, queue: asyncio.Queue, item: object) -> None:
+        """Any thread: deliver ``item`` to ``queue`` soon (raises RuntimeError once the loop is closed)."""
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, deque(), False
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 class Generation:
-    """The engine requests of one HTTP request, awaited from the event loop.
+    """The engine requests of one HTTP request (each prompt ``n`` times, seeds ``seed + i``), awaited from
+    the event loop. Creating it submits them, all or nothing: a refusal (full queue, bad options) cancels
+    what was already submitted and raises as an :class:`APIError`.
 
     Iterate :meth:`events` for ``(index, event)`` pairs (index into ``handles``), or await :meth:`results`.
     Both account finished generations in the metrics and the request log, raise a 408 :class:`APIError`
     past the server's request timeout, and cancel unfinished handles when they end in any way.
     """
 
-    def __init__(self, server: ServerState, request: Request, handles: list[RequestHandle]):
-        self.server, self.request, self.handles = server, request, handles
+    def __init__(self, server: ServerState, request: Request, engine: Engine, prompts: list[list[int]],
+                 sampling: SamplingConfig, n: int = 1, top_logprobs: int | None = None):
+        self.server, self.request = server, request
         self.deadline = None if server.request_timeout is None else time.monotonic() + server.request_timeout
         self._queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        for index, handle in enumerate(handles):
-            threading.Thread(target=self._read, args=(index, handle, loop), name="lmforge-reader",
-                             daemon=True).start()
+        relay = server.relay
+        self.handles: list[RequestHandle] = []
+        try:
+            for ids in prompts:
+                for i in range(n):
+                    seed = None if sampling.seed is None else sampling.seed + i
+                    options = dataclasses.replace(sampling, seed=seed, stop=list(sampling.stop))
+                    listener = functools.partial(self._deliver, relay, len(self.handles))
+                    self.handles.append(engine.submit(ids, options, top_logprobs=top_logprobs, listener=listener))
+        except BaseException as exc:
+            self.cancel()
+            if isinstance(exc, LmforgeError):
+                raise from_lmforge_error(exc) from None
+            raise
 
-    def _read(self, index: int, handle: RequestHandle, loop: asyncio.AbstractEventLoop) -> None:
-        while True:
-            try:
-                event = handle.next_event()
-            except BaseException as exc:  # the engine failed this request
-                event = exc
-            try:
-                loop.call_soon_threadsafe(self._queue.put_nowait, (index, event))
-            except RuntimeError:  # the loop is gone
-                handle.cancel()
-                return
-            if isinstance(event, (Result, BaseException)):
-                return
+    def _deliver(self, relay: EventRelay, index: int, event: object) -> None:
+        """Called by the engine's thread for every event: send it to the loop, but for token events
+        without log-probabilities (text events carry the text; the server has no use for bare ids)."""
+        if type(event) is TokenEvent and event.logprob is None:
+            return
+        relay.push(self._queue, (index, event))
+
+    def backlog(self) -> int:
+        """Events delivered but not yet taken (a streamer writes once this is 0)."""
+        return self._queue.qsize()
 
     async def events(self) -> AsyncIterator[tuple[int, TokenEvent | object]]:
         """Every handle's events until each has its :class:`Result` (which is yielded too)."""

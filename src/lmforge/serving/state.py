@@ -15,6 +15,7 @@ from lmforge.serving.metrics import ServerMetrics
 if TYPE_CHECKING:
     from lmforge.api import LanguageModel
     from lmforge.inference.engine import Engine
+    from lmforge.serving.generation import EventRelay
     from lmforge.serving.request_log import RequestLog
     from lmforge.serving.tasks import TaskModel
 
@@ -35,6 +36,7 @@ class ServerState:
     lm: LanguageModel | None = None
     engine: Engine | None = None
     tasks: TaskModel | None = None
+    relay: EventRelay | None = None          # engine thread -> event loop; made when the app starts
     load_error: str | None = None
 
     def ready(self) -> tuple[LanguageModel, Engine]:

@@ -11,6 +11,7 @@ implementing :class:`TaskModel` and being set as the server's ``tasks``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,7 +25,7 @@ from lmforge.errors import LmforgeError
 from lmforge.evaluation.harness import CLASSIFICATION_TEMPLATE, QA_TEMPLATE, label_scores
 from lmforge.inference.engine import Engine
 from lmforge.serving.errors import APIError
-from lmforge.serving.generation import Generation, encode_prompt, sampling_options, submit
+from lmforge.serving.generation import Generation, encode_prompt, sampling_options
 from lmforge.serving.schemas import SamplingFields, _Body
 from lmforge.serving.state import authorize, server_of, set_usage
 
@@ -80,8 +81,7 @@ class PromptTasks:
         else:
             ids = encode_prompt(self.lm, prompt, param)
         set_usage(request, prompt_tokens=len(ids), prompt=prompt)
-        handles = submit(self.engine, [ids], sampling)
-        result = (await Generation(server_of(request), request, handles).results())[0]
+        result = (await Generation(server_of(request), request, self.engine, [ids], sampling).results())[0]
         finish = "length" if result.finish_reason == "length" else "stop"
         return TaskAnswer(result.text.strip(), finish, len(ids), result.completion_tokens)
 
@@ -99,8 +99,9 @@ class PromptTasks:
 
     async def classify(self, request: Request, text: str, labels: list[str]) -> list[float]:
         set_usage(request, prompt=text)
-        try:  # a forward pass of its own, off the event loop (the engine's thread keeps decoding)
-            scores = await asyncio.to_thread(label_scores, self.lm, [text], labels, CLASSIFICATION_TEMPLATE)
+        score = functools.partial(label_scores, self.lm, [text], labels, CLASSIFICATION_TEMPLATE)
+        try:  # forward passes of their own, run by the engine's thread between two decoding steps
+            scores = await asyncio.wrap_future(self.engine.call(score))
         except LmforgeError as exc:
             raise APIError(400, str(exc), param="labels") from None
         return scores[0].tolist()

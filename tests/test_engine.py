@@ -247,9 +247,12 @@ class ScriptedLM(nn.Module):
         self.script = script
         self.unused = nn.Parameter(torch.zeros(1))
 
-    def forward(self, idx, *, position_ids=None, attention_mask=None, cache=None, last_only=False):
+    def forward(self, idx, *, position_ids=None, attention_mask=None, cache=None, last_only=False, logits_at=None):
         B, T = idx.shape
-        last = position_ids[:, -1].tolist() if position_ids is not None else [T - 1] * B
+        if logits_at is not None:
+            last = logits_at.tolist()
+        else:
+            last = position_ids[:, -1].tolist() if position_ids is not None else [T - 1] * B
         cache.advance(T)
         logits = torch.zeros(B, 1, self.config.vocab_size)
         for row, p in enumerate(last):
@@ -445,3 +448,44 @@ def test_call_runs_jobs_in_the_stepping_thread_between_steps(model, tok):
     job = idle.call(lambda: 7)
     idle.run_until_idle()
     assert job.result() == 7
+
+
+def test_prompts_admitted_together_are_prefilled_in_groups_and_equal_alone(model, tok):
+    from lmforge.inference.engine import _similar_lengths
+
+    prompts = ["The ", "Sph", "Pack my box", "Pack my box with five", "How vexingly quick daft zebras",
+               "dozen liquor jugs! The lazy", "q", "0123"]
+    lm = LanguageModel(model, tok)
+    alone = [lm.complete(p, temperature=0, max_new_tokens=15)[0].token_ids for p in prompts]
+    engine = Engine(model, tok, max_batch_size=8)
+    forward, calls = model.forward, []
+
+    def counting(ids, **kwargs):
+        calls.append(ids.shape)
+        return forward(ids, **kwargs)
+
+    model.forward = counting
+    try:
+        handles = [engine.submit(tok.encode(p), greedy(15)) for p in prompts]
+        engine.step()  # admits all eight: one forward per group, then one decoding step
+        first_step = len(calls)
+        engine.run_until_idle()
+    finally:
+        del model.forward
+    assert [h.result().token_ids for h in handles] == alone
+    groups = _similar_lengths([h._request for h in handles])
+    assert len(groups) < len(prompts) and sum(map(len, groups)) == len(prompts)
+    for group in groups:  # padded size within 1.5x the real tokens
+        lengths = [len(r.prompt) for r in group]
+        assert lengths == sorted(lengths) and len(group) * max(lengths) <= 1.5 * sum(lengths)
+    assert first_step == len(groups) + 1
+
+
+def test_logits_at_picks_one_position_per_row(model):
+    ids = torch.randint(0, model.config.vocab_size, (3, 9))
+    at = torch.tensor([8, 0, 4])
+    with torch.no_grad():
+        full = model(ids)
+        picked = model(ids, logits_at=at)
+    assert picked.shape == (3, 1, model.config.vocab_size)
+    assert_close(picked[:, 0], full[torch.arange(3), at])

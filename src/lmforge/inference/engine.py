@@ -7,9 +7,9 @@ keeps up to ``max_batch_size`` of them *running*, each in its own row ("slot") o
 
 1. **retire** cancelled requests: their rows leave the batch (the last row moves into the hole, so
    the running rows stay packed at the front of the cache);
-2. **admit** waiting requests, oldest first, into free slots: each prompt is prefilled alone
-   (batch 1) straight into its slot's rows of the cache, and its first token is sampled from the
-   prefill's logits;
+2. **admit** waiting requests, oldest first, into free slots: prompts of similar lengths are
+   prefilled together (right-padded) straight into their slots' rows of the cache, and each first
+   token is sampled from the prefill's logits;
 3. **decode** ONE batched step: every running sequence feeds its last token at its own position
    (rows have different lengths; the attention mask hides each row's unused cache positions), each
    row is sampled with its own options (greedy, top-k, top-p, min-p, repetition penalty, its own
@@ -436,29 +436,42 @@ class Engine:
                     job.set_exception(exc)
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots: prefill each alone into its row, sample its first token."""
-        while len(self._running) < self.max_batch_size:
-            with self._cond:
-                if not self._waiting:
-                    return
-                request = self._waiting.popleft()
+        """Move waiting requests into free slots, oldest first, and prefill them: prompts of similar lengths
+        together (right-padded, each straight into its own row of the cache; causal attention keeps the
+        padding out of every real token's sight), then sample each one's first token."""
+        with self._cond:
+            count = min(self.max_batch_size - len(self._running), len(self._waiting))
+            admitted = [self._waiting.popleft() for _ in range(count)]
+            for request in admitted:
                 request.state = "running"
-            try:
-                row = len(self._running)
-                view = self.cache.row_cache(row)  # (1, Hkv, block_size, D) views of the slot's row
-                ids = torch.tensor([request.prompt], device=self.device)  # (1, L)
-                logits = self.model(ids, cache=view, last_only=True)[:, -1]  # (1, V)
-                self.cache.set_length(row, view.length)
-                request.admitted = time.perf_counter()
-                token, logprob = self._pick(logits, [request])[0]
-            except BaseException as exc:
+        for group in _similar_lengths(admitted):
+            self._prefill(group)
+
+    def _prefill(self, group: list[_Request]) -> None:
+        start, lengths = len(self._running), [len(r.prompt) for r in group]
+        try:
+            ids = torch.zeros((len(group), max(lengths)), dtype=torch.long)  # (k, L) right-padded with 0
+            for i, request in enumerate(group):
+                ids[i, :lengths[i]] = torch.tensor(request.prompt)
+            last = torch.tensor(lengths) - 1  # (k,) each prompt's last position
+            view = self.cache.row_cache(start, len(group))  # (k, Hkv, block_size, D) views of the new rows
+            logits = self.model(ids.to(self.device), cache=view, logits_at=last.to(self.device))[:, -1]  # (k, V)
+            admitted = time.perf_counter()
+            for i, request in enumerate(group):
+                self.cache.set_length(start + i, lengths[i])
+                request.admitted = admitted
+            picked = self._pick(logits, group)
+        except BaseException as exc:
+            for request in group:
                 request.fail(exc)
-                raise
-            self._running.append(request)
-            self.cache.rows = len(self._running)
-            reason = request.accept(token, time.perf_counter(), logprob)
-            if reason is not None:
-                self._retire(row, reason)
+            raise
+        self._running.extend(group)
+        self.cache.rows = len(self._running)
+        now = time.perf_counter()
+        finished = [(start + i, reason) for i, (request, (token, logprob)) in enumerate(zip(group, picked))
+                    if (reason := request.accept(token, now, logprob)) is not None]
+        for row, reason in reversed(finished):  # from the back, so moved rows are never finished ones
+            self._retire(row, reason)
 
     def _decode(self) -> None:
         """One batched decoding step over all running rows."""
@@ -556,6 +569,23 @@ class Engine:
                         request.fail(exc)
                     self._running.clear()
                     self.cache.rows = 0
+
+
+def _similar_lengths(requests: list[_Request], waste: float = 1.5) -> list[list[_Request]]:
+    """Requests grouped for batched prefill: sorted by prompt length, a group grows while its padded size
+    stays within ``waste`` times its real tokens (on a CPU a batch of short prompts costs far less than
+    prefilling them one by one; padding long ones would cost more than it saves)."""
+    groups: list[list[_Request]] = []
+    real = 0
+    for request in sorted(requests, key=lambda r: len(r.prompt)):
+        length = len(request.prompt)
+        if groups and (len(groups[-1]) + 1) * length <= waste * (real + length):
+            groups[-1].append(request)
+            real += length
+        else:
+            groups.append([request])
+            real = length
+    return groups
 
 
 def _logprob(logits: Tensor, token: int, top: int) -> TokenLogprob:

@@ -114,9 +114,11 @@ class SlotKVCache:
         """The longest of rows ``[0, rows)``: the next forward's keys span ``length + 1`` positions."""
         return max(self.lengths[:self.rows], default=0)
 
-    def row_cache(self, row: int) -> KVCache:
-        """An empty :class:`KVCache` whose tensors are views of ``row``: prefilling it fills the row."""
-        return KVCache([k[row:row + 1] for k in self.keys], [v[row:row + 1] for v in self.values])
+    def row_cache(self, row: int, count: int = 1) -> KVCache:
+        """An empty :class:`KVCache` whose tensors are views of rows ``[row, row + count)``: prefilling it
+        fills those rows (then :meth:`set_length` each)."""
+        end = row + count
+        return KVCache([k[row:end] for k in self.keys], [v[row:end] for v in self.values])
 
     def set_length(self, row: int, length: int) -> None:
         """Row ``row`` now holds ``length`` positions (after a prefill through :meth:`row_cache`)."""
@@ -331,7 +333,7 @@ class DecoderLM(nn.Module):
     # -------------------------------------------------------------- forward
     def forward(self, idx: Tensor, *, position_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, cache: KVCache | SlotKVCache | None = None,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, logits_at: Tensor | None = None) -> Tensor:
         """Next-token logits.
 
         Args:
@@ -344,9 +346,10 @@ class DecoderLM(nn.Module):
             cache: a :class:`KVCache` to read and extend (generation), or a :class:`SlotKVCache`
                 (one new token per row, rows of different lengths).
             last_only: compute logits for the last position only (generation).
+            logits_at: (B,) one position per row whose logits alone are computed (right-padded prompts).
 
         Returns:
-            (B, T, V) logits, or (B, 1, V) with ``last_only``.
+            (B, T, V) logits, or (B, 1, V) with ``last_only`` or ``logits_at``.
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -369,7 +372,9 @@ class DecoderLM(nn.Module):
             x = block(x, rope, mask, cache, i)
         if cache is not None:
             cache.advance(T)
-        if last_only:
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
+        elif last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
 

@@ -36,6 +36,18 @@ def make_lm(seed: int = 1) -> LanguageModel:
     return LanguageModel(model, tok)
 
 
+def slowed(lm: LanguageModel, seconds: float) -> LanguageModel:
+    """``lm`` with every forward pass made ``seconds`` slower, so that generations last a while."""
+    forward = lm.model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    lm.model.forward = slow
+    return lm
+
+
 def sse_events(text: str) -> list:
     """Parse a Server-Sent Events body: every event is ``data: ...`` followed by a blank line."""
     assert text.endswith("data: [DONE]\n\n")

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from lmforge.api import LanguageModel
 from lmforge.inference.engine import Result
 from lmforge.serving import create_app
-from serving_helpers import MESSAGES, NAME, PROMPT, Server, assert_error, make_lm, sse_events
+from serving_helpers import MESSAGES, NAME, PROMPT, Server, assert_error, make_lm, slowed, sse_events
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -215,13 +215,7 @@ def test_client_disconnect_cancels_its_request():
     lm = make_lm()
     prompt = "The "
     assert lm.complete(prompt, temperature=0, max_new_tokens=120)[0].finish_reason == "length"
-    forward = lm.model.forward
-
-    def slow(*args, **kwargs):
-        time.sleep(0.01)
-        return forward(*args, **kwargs)
-
-    lm.model.forward = slow
+    slowed(lm, 0.01)
     app = create_app(lm, max_batch_size=2)
     results = []
 

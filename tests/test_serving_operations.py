@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lmforge.api import LanguageModel
 from lmforge.errors import CheckpointError
 from lmforge.serving import create_app
-from serving_helpers import PROMPT, assert_error, make_lm, sse_events
+from serving_helpers import PROMPT, assert_error, make_lm, slowed, sse_events
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,13 +73,7 @@ def test_request_bodies_over_the_limit_are_413(lm):
 
 def test_a_generation_past_the_request_timeout_is_408_and_frees_its_slot():
     lm = make_lm()
-    forward = lm.model.forward
-
-    def slow(*args, **kwargs):
-        time.sleep(0.02)
-        return forward(*args, **kwargs)
-
-    lm.model.forward = slow
+    slowed(lm, 0.02)
     app = create_app(lm, request_timeout=0.3)
     with TestClient(app) as c:
         long = {"prompt": "The ", "max_tokens": 100, "ignore_eos": True}

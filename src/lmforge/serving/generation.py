@@ -139,7 +139,7 @@ class Generation:
                 timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
                 try:
                     index, event = await asyncio.wait_for(self._queue.get(), timeout)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the built-in TimeoutError before Python 3.11
                     set_usage(self.request, outcome="timeout")
                     raise APIError(408, f"the request took longer than the server's limit of "
                                         f"{self.server.request_timeout:g} s", code="request_timeout") from None

@@ -10,19 +10,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "DetokenizeRequest", "SamplingFields",
-           "StreamOptions", "TokenizeRequest", "error_body"]
+__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "DetokenizeRequest", "RequestBody",
+           "SamplingFields", "StreamOptions", "TokenizeRequest", "error_body"]
 
 
-class _Body(BaseModel):
+class RequestBody(BaseModel):
+    """A JSON request body: unknown fields are ignored."""
+
     model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(_Body):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class SamplingFields(_Body):
+class SamplingFields(RequestBody):
     """The fields both generation routes share."""
 
     model: str | None = None
@@ -50,7 +52,7 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
-class ChatMessage(_Body):
+class ChatMessage(RequestBody):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -74,12 +76,12 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(RequestBody):
     prompt: str
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(RequestBody):
     tokens: list[int]
 
 

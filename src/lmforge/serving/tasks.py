@@ -26,7 +26,7 @@ from lmforge.evaluation.harness import CLASSIFICATION_TEMPLATE, QA_TEMPLATE, lab
 from lmforge.inference.engine import Engine
 from lmforge.serving.errors import APIError
 from lmforge.serving.generation import Generation, encode_prompt, sampling_options
-from lmforge.serving.schemas import SamplingFields, _Body
+from lmforge.serving.schemas import RequestBody, SamplingFields
 from lmforge.serving.state import authorize, server_of, set_usage
 
 __all__ = ["SUMMARIZE_TEMPLATE", "TRANSLATE_TEMPLATE", "PromptTasks", "TaskAnswer", "TaskModel", "router"]
@@ -152,7 +152,7 @@ class AnswerRequest(_TaskSampling):
     max_tokens: int = Field(32, ge=1)
 
 
-class ClassifyRequest(_Body):
+class ClassifyRequest(RequestBody):
     model: str | None = None
     text: str = Field(min_length=1)
     labels: list[str] = Field(min_length=1, max_length=100)

@@ -98,7 +98,7 @@ class PromptTasks:
         return await self.complete(request, prompt, sampling, "context", chat=True)
 
     async def classify(self, request: Request, text: str, labels: list[str]) -> list[float]:
-        set_usage(request, prompt=text)
+        set_usage(request, prompt=text, prompt_tokens=len(self.lm.tokenizer.encode(text)))
         score = functools.partial(label_scores, self.lm, [text], labels, CLASSIFICATION_TEMPLATE)
         try:  # forward passes of their own, run by the engine's thread between two decoding steps
             scores = await asyncio.wrap_future(self.engine.call(score))

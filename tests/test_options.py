@@ -232,16 +232,21 @@ def test_every_preset_loads_and_validates(name):
     assert raw and isinstance(raw, dict)
     for key, value in raw.items():
         assert getattr(model, key) == value
+    family = {"gpt2": "decoder", "llama": "decoder", "encoder": "encoder", "seq2seq": "seq2seq", "lstm": "lstm"}
+    assert model.family == family[name.split("-")[0]]
     if name.startswith("gpt2-"):
         assert (model.position, model.norm) == ("learned", "layernorm")
         assert model.mlp in ("gelu", "gelu_tanh")
-    else:
-        assert name.startswith("llama-")
+    elif name.startswith("llama-"):
         assert (model.position, model.norm, model.mlp) == ("rope", "rmsnorm", "swiglu")
 
 
+def decoder_presets() -> list[str]:
+    return [name for name in preset_names() if name.startswith(("gpt2-", "llama-"))]
+
+
 def test_every_preset_size_has_both_flavours():
-    names = set(preset_names())
+    names = set(decoder_presets())
     sizes = {name.split("-", 1)[1] for name in names}
     assert sizes
     for size in sizes:
@@ -250,7 +255,7 @@ def test_every_preset_size_has_both_flavours():
 
 
 def test_flavours_of_a_size_match_in_shape():
-    for size in {name.split("-", 1)[1] for name in preset_names()}:
+    for size in {name.split("-", 1)[1] for name in decoder_presets()}:
         gpt2, llama = load_preset(f"gpt2-{size}"), load_preset(f"llama-{size}")
         for key in ("block_size", "n_layer", "n_head", "n_embd"):
             assert gpt2[key] == llama[key], (size, key)
@@ -282,7 +287,7 @@ def test_default_configs_validate():
     ({"norm": "batchnorm"}, "model.norm"),
     ({"mlp": "relu"}, "model.mlp"),
     ({"position": "alibi"}, "model.position"),
-    ({"family": "encoder"}, "model.family"),
+    ({"family": "transformer"}, "model.family"),
     ({"position": "rope", "n_embd": 6, "n_head": 2}, "even head size"),
     ({"n_layer": 0}, "model.n_layer"),
     ({"block_size": -1}, "model.block_size"),

@@ -38,12 +38,21 @@ def _check_positive(name: str, value: Any, allow_none: bool = False, allow_zero:
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, not {value!r}")
 
 
+MODEL_FAMILIES = ("decoder", "encoder", "seq2seq", "lstm")
+
+
 @dataclass
 class ModelConfig:
-    """Architecture of a decoder-only transformer; covers GPT-2 and Llama."""
+    """Architecture of a model of any family; the decoder family covers GPT-2 and Llama.
+
+    Families: ``decoder`` (causal transformer), ``encoder`` (bidirectional transformer, BERT-style,
+    pretrained with masked-language modelling), ``seq2seq`` (encoder-decoder transformer, T5-style:
+    ``n_layer`` encoder blocks, ``n_decoder_layer`` decoder blocks) and ``lstm`` (``n_layer``
+    stacked LSTM layers of width ``n_embd``; the attention and MLP knobs do not apply).
+    """
 
     preset: str | None = option(None, "named preset ('lmforge presets') or a preset YAML file to start from")
-    family: str = option("decoder", "model family")
+    family: str = option("decoder", "model family: decoder, encoder, seq2seq or lstm")
     vocab_size: int | None = option(None, "vocabulary size (default: the tokenizer's)")
     block_size: int = option(256, "context length in tokens")
     n_layer: int = option(4, "number of transformer blocks")
@@ -59,6 +68,7 @@ class ModelConfig:
     bias: bool = option(True, "biases in linear and norm layers")
     tie_embeddings: bool = option(True, "share the token embedding with the output head")
     dropout: float = option(0.0, "dropout probability during training")
+    n_decoder_layer: int | None = option(None, "seq2seq only: decoder blocks (default: n_layer)")
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -68,9 +78,12 @@ class ModelConfig:
                 self.intermediate_size = _round_up(int(8 * self.n_embd / 3), 64)
             else:
                 self.intermediate_size = 4 * self.n_embd
+        if self.n_decoder_layer is None and self.family == "seq2seq":
+            self.n_decoder_layer = self.n_layer
 
     def validate(self) -> None:
-        _check_choice("model.family", self.family, ("decoder",))
+        _check_choice("model.family", self.family, MODEL_FAMILIES)
+        _check_positive("model.n_decoder_layer", self.n_decoder_layer, allow_none=True)
         _check_choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
         _check_choice("model.mlp", self.mlp, ("gelu", "gelu_tanh", "swiglu"))
         _check_choice("model.position", self.position, ("learned", "rope"))
@@ -215,8 +228,18 @@ class PretrainConfig:
     out: str = option("runs/pretrain", "run directory for checkpoints, metrics and plots")
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: str = option("auto", "clm (next token: decoder, lstm), mlm (masked tokens: encoder) or auto "
+                                    "(the model family's)")
+    mlm_probability: float = option(0.15, "mlm: share of tokens chosen for prediction")
     resume: bool = option(False, "continue from the last checkpoint in the run directory")
     nproc: int = option(1, "processes to launch with torchrun (DDP); 1 runs in this process")
+
+    @property
+    def resolved_objective(self) -> str:
+        """The objective, with ``auto`` resolved from the model family."""
+        if self.objective != "auto":
+            return self.objective
+        return "mlm" if self.model.family == "encoder" else "clm"
 
     def validate(self) -> None:
         if not self.data:
@@ -224,6 +247,16 @@ class PretrainConfig:
         _check_positive("nproc", self.nproc)
         self.model.validate()
         self.train.validate()
+        _check_choice("objective", self.objective, ("auto", "clm", "mlm"))
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"mlm_probability must be in (0, 1), not {self.mlm_probability}")
+        family, objective = self.model.family, self.resolved_objective
+        if family == "seq2seq":
+            raise ConfigError("seq2seq models learn from source/target pairs: train them with 'lmforge finetune "
+                              "--task seq2seq'")
+        if (objective == "mlm") != (family == "encoder"):
+            raise ConfigError(f"the {objective} objective does not fit the {family} family: mlm is for encoders, "
+                              f"clm for decoders and LSTMs")
 
 
 @dataclass
@@ -251,12 +284,24 @@ class FinetuneDataConfig:
     format: str = option("auto", "auto (from the fields), chat, alpaca, prompt_completion or text")
     train_on_prompt: bool = option(False, "also compute the loss on prompt tokens (default: responses only)")
     packing: bool = option(False, "pack several examples into each context-length sequence")
+    text_field: list[str] = option([], "classification: text column(s) (default: text or sentence; 0-based "
+                                       "numbers for CSV/TSV files without a header, several are joined)")
+    label_field: str = option("label", "classification: label column (a name, or a 0-based number)")
+    multi_label: bool | None = option(None, "classification: several labels per text (default: when labels are "
+                                            "JSON lists; in CSV/TSV separate them with |)")
+    target_path: str | None = option(None, "seq2seq: target text file parallel to data.path (one example per line)")
+    val_target_path: str | None = option(None, "seq2seq: target file parallel to data.val_path")
+    source_field: str | None = option(None, "seq2seq JSON: source field (default: source, document, src, input)")
+    target_field: str | None = option(None, "seq2seq JSON: target field (default: target, summary, tgt, output)")
+    stride: int | None = option(None, "qa: context tokens shared by consecutive windows of a long context "
+                                      "(default: a quarter of the model's context)")
 
     def validate(self) -> None:
         if not self.path:
             raise ConfigError("no data: give --data FILE or 'data: {path: ...}' in the config")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), not {self.val_fraction}")
+        _check_positive("data.stride", self.stride, allow_zero=True, allow_none=True)
 
 
 @dataclass
@@ -271,7 +316,13 @@ class FinetuneEvalConfig:
 class FinetuneConfig:
     """A fine-tuning run: a base checkpoint, data, training options, optional LoRA, an output directory."""
 
-    checkpoint: str | None = option(None, "base checkpoint (lmforge checkpoint/run directory or Hugging Face folder)")
+    checkpoint: str | None = option(None, "base checkpoint (lmforge checkpoint/run directory or Hugging Face "
+                                          "folder); omit it to train a task model from scratch (tokenizer + model)")
+    task: str = option("auto", "what to learn: auto (from the data), sft (generation), classification, qa "
+                               "(extractive) or seq2seq (translation, summarization)")
+    purpose: str = option("auto", "seq2seq: translation, summarization or generic (auto: from the data fields)")
+    tokenizer: str | None = option(None, "from scratch: tokenizer directory or tokenizer.json")
+    model: ModelConfig = field(default_factory=ModelConfig)
     out: str = option("runs/finetune", "run directory for checkpoints, metrics and plots")
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
@@ -280,8 +331,15 @@ class FinetuneConfig:
     resume: bool = option(False, "continue from the last checkpoint in the run directory")
 
     def validate(self) -> None:
+        _check_choice("task", self.task, ("auto", "sft", "classification", "qa", "seq2seq"))
+        _check_choice("purpose", self.purpose, ("auto", "translation", "summarization", "generic"))
+        if not self.checkpoint and not self.tokenizer:
+            raise ConfigError("no base checkpoint: give CHECKPOINT (or, to train a task model from scratch, "
+                              "--tokenizer DIR and --model.preset NAME)")
+        if self.checkpoint and self.tokenizer:
+            raise ConfigError("give a base checkpoint or a tokenizer to start from scratch, not both")
         if not self.checkpoint:
-            raise ConfigError("no base checkpoint: give CHECKPOINT or 'checkpoint:' in the config")
+            self.model.validate()
         self.data.validate()
         self.train.validate()
         self.lora.validate()

@@ -24,7 +24,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fileio import atomic_write_text, read_json_object
 
-PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
+PAD, BOS, EOS, UNK, MASK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>", "<|mask|>"
+ROLES = ("bos", "eos", "pad", "unk", "mask")
 KINDS = ("char", "bpe")
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -37,7 +38,8 @@ class Tokenizer:
 
     Attributes:
         hf: the underlying ``tokenizers.Tokenizer``.
-        special: role -> token text, for the roles ``bos``, ``eos``, ``pad`` and (char) ``unk``.
+        special: role -> token text, for the roles ``bos``, ``eos``, ``pad``, (char) ``unk`` and,
+            once :meth:`with_mask` added it for masked-language modelling, ``mask``.
         kind: ``"char"``, ``"bpe"`` or ``"unknown"`` for tokenizers made elsewhere.
     """
 
@@ -111,11 +113,11 @@ class Tokenizer:
         config = read_json_object(folder / TOKENIZER_CONFIG_FILE)
         token_map = read_json_object(folder / SPECIAL_TOKENS_MAP_FILE)  # older Hugging Face folders keep them here
         special = {role: token_text(config.get(f"{role}_token", token_map.get(f"{role}_token")))
-                   for role in ("bos", "eos", "pad", "unk")}
+                   for role in ROLES}
         special = {role: token for role, token in special.items() if token}
         if not config and not token_map:  # a bare tokenizer.json of ours: find the tokens by name
-            special = {role: tok for role, tok in (("pad", PAD), ("bos", BOS), ("eos", EOS), ("unk", UNK))
-                       if hf.token_to_id(tok) is not None}
+            special = {role: tok for role, tok in (("pad", PAD), ("bos", BOS), ("eos", EOS), ("unk", UNK),
+                                                   ("mask", MASK)) if hf.token_to_id(tok) is not None}
         chat_template = config.get("chat_template")
         if (folder / CHAT_TEMPLATE_FILE).is_file():  # where transformers >= 4.47 saves it
             chat_template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
@@ -165,6 +167,19 @@ class Tokenizer:
         return self._id("pad")
 
     @property
+    def mask_id(self) -> int | None:
+        return self._id("mask")
+
+    def with_mask(self) -> Tokenizer:
+        """This tokenizer with a ``<|mask|>`` special token (appended to the vocabulary if it has
+        none), as masked-language modelling needs; the other ids are unchanged."""
+        if self.mask_id is not None:
+            return self
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        hf.add_special_tokens([MASK])
+        return Tokenizer(hf, {**self.special, "mask": MASK}, self.kind, self.chat_template)
+
+    @property
     def start_ids(self) -> list[int]:
         """The token(s) that stand for "start of a document": bos where the tokenizer adds it, else
         the end-of-sequence token that separates documents in training data (GPT-2's convention)."""
@@ -199,6 +214,12 @@ class Tokenizer:
             elif part:
                 ids += self.encode(part)
         return ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` and, per token, the ``(start, end)`` character span of ``text`` it
+        covers (a byte-level token holding part of a character covers that whole character)."""
+        encoding = self.hf.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(span) for span in encoding.offsets]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of several texts, encoded in parallel by the Rust library."""

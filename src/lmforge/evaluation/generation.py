@@ -11,8 +11,7 @@ training (the model is put in eval mode for the call and restored afterwards).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from lmforge.config import SamplingConfig
 from lmforge.errors import ConfigError
 from lmforge.inference.detokenize import TextStream
 from lmforge.inference.generate import TokenGenerator
+from lmforge.models import eval_mode
 from lmforge.options import build_dataclass
 from lmforge.tokenizer import Tokenizer
 
@@ -47,17 +47,6 @@ def make_sampling(sampling: SamplingConfig | None = None, **options: Any) -> Sam
     config = build_dataclass(SamplingConfig, {**base, **options})
     config.validate()
     return config
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode for the block, then back in the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def fit_prompt(ids: Sequence[int], tokenizer: Tokenizer, context: int, reserve: int) -> tuple[list[int], int]:

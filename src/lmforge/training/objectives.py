@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -23,3 +26,99 @@ def summed_causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[T
     labels = batch["labels"].flatten()
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, int((labels != IGNORE_INDEX).sum())
+
+
+# ------------------------------------------------------------------------------------------
+# Masked-language modelling (encoder family)
+# ------------------------------------------------------------------------------------------
+def mask_tokens(input_ids: Tensor, mask_id: int, vocab_size: int, probability: float = 0.15,
+                keep: Tensor | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """BERT's corruption: each token is chosen with ``probability`` (never those where ``keep`` is
+    True, e.g. padding or special tokens); a chosen token becomes the mask token 80% of the time,
+    a random token 10%, and stays itself 10%.
+
+    Returns (corrupted ids, labels): both (B, T); labels are the original ids at chosen positions
+    and ``IGNORE_INDEX`` elsewhere. Uses the torch RNG (restored on resume, so runs stay exact).
+    """
+    device = input_ids.device
+    chosen = torch.rand(input_ids.shape, device=device, generator=generator) < probability
+    if keep is not None:
+        chosen &= ~keep
+    labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
+    action = torch.rand(input_ids.shape, device=device, generator=generator)
+    random_ids = torch.randint(vocab_size, input_ids.shape, device=device, generator=generator)
+    corrupted = torch.where(chosen & (action < 0.8), torch.full_like(input_ids, mask_id), input_ids)
+    corrupted = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, corrupted)
+    return corrupted, labels
+
+
+def masked_lm_objective(mask_id: int, vocab_size: int, probability: float = 0.15,
+                        special_ids: set[int] | None = None) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
+    """An objective that corrupts ``batch["input_ids"]`` (B, T) with :func:`mask_tokens` and returns
+    the mean cross-entropy of the model's predictions (B, T, V) of the original tokens at the chosen
+    positions. Special tokens (``special_ids``) are never chosen."""
+    special = torch.tensor(sorted(special_ids or ()), dtype=torch.long)
+
+    def masked_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        logits, labels = _masked_predictions(model, batch, mask_id, vocab_size, probability, special)
+        if not bool((labels != IGNORE_INDEX).any()):  # nothing chosen in a tiny batch: a zero that keeps the graph
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    return masked_lm_loss
+
+
+def summed_masked_lm_loss(mask_id: int, vocab_size: int, probability: float, special_ids: set[int] | None,
+                          model: nn.Module, batch: dict[str, Tensor],
+                          generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+    """(sum of the masked tokens' cross-entropies, number of masked tokens), masking with ``generator``
+    (a fixed seed gives a fixed evaluation set)."""
+    special = torch.tensor(sorted(special_ids or ()), dtype=torch.long)
+    logits, labels = _masked_predictions(model, batch, mask_id, vocab_size, probability, special, generator)
+    labels = labels.flatten()
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def _masked_predictions(model: nn.Module, batch: dict[str, Tensor], mask_id: int, vocab_size: int,
+                        probability: float, special: Tensor,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The model's (B, T, V) logits on a corrupted batch, and the (B, T) labels of the corruption."""
+    ids = batch["input_ids"]
+    keep = torch.isin(ids, special.to(ids.device)) if len(special) else None
+    attention = batch.get("attention_mask")
+    if attention is not None:
+        keep = ~attention if keep is None else keep | ~attention
+    corrupted, labels = mask_tokens(ids, mask_id, vocab_size, probability, keep, generator)
+    logits = model(corrupted) if attention is None else model(corrupted, attention_mask=attention)
+    return logits, labels
+
+
+# ------------------------------------------------------------------------------------------
+# Sequence-to-sequence, classification and span extraction
+# ------------------------------------------------------------------------------------------
+def seq2seq_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Mean cross-entropy of the target tokens: ``input_ids``/``attention_mask`` (B, S) are the
+    source, ``decoder_input_ids`` (B, T) the target shifted right (starting with bos) and ``labels``
+    (B, T) the target (``IGNORE_INDEX`` on padding)."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                   decoder_input_ids=batch["decoder_input_ids"])  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def classification_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Cross-entropy of (B, L) logits against ``labels``: class indices (B,) for single-label data,
+    or 0/1 floats (B, L) for multi-label data (one sigmoid per label)."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # (B, L)
+    labels = batch["labels"]
+    if labels.dim() == 2:
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+def span_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Extractive QA: mean of the cross-entropies of the start and end positions (B,) under the
+    model's (B, T) start and end logits."""
+    start_logits, end_logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    return (F.cross_entropy(start_logits.float(), batch["start_positions"])
+            + F.cross_entropy(end_logits.float(), batch["end_positions"])) / 2

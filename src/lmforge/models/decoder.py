@@ -216,10 +216,12 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal:
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with grouped-query heads and an optional KV cache."""
+    """Multi-head attention with grouped-query heads and an optional KV cache; causal unless
+    ``causal=False`` (the bidirectional encoders of the encoder and seq2seq families)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         kv_width = config.n_kv_head * config.head_dim
         self.qkv_proj = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)
@@ -237,7 +239,7 @@ class Attention(nn.Module):
             k, v = cache.store(layer, k, v)  # (B, Hkv, S, D)
         # Without an explicit mask: causal over the new tokens, or (one new token) attend to all.
         dropout = self.dropout if self.training else 0.0
-        causal = mask is None and T > 1
+        causal = self.causal and mask is None and T > 1
         gqa = self.n_kv_head != self.n_head
         if x.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and T <= 256:
             y = math_attention(q, k, v, mask, causal, dropout)  # faster there: see math_attention
@@ -275,10 +277,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, causal: bool = True):
         super().__init__()
         self.norm1 = make_norm(config)
-        self.attn = Attention(config)
+        self.attn = Attention(config, causal)
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
         self.dropout = config.dropout
@@ -351,7 +353,30 @@ class DecoderLM(nn.Module):
         Returns:
             (B, T, V) logits, or (B, 1, V) with ``last_only`` or ``logits_at``.
         """
-        B, T = idx.shape
+        x = self._trunk(idx, position_ids, attention_mask, cache)  # (B, T, C)
+        if logits_at is not None:
+            x = x[torch.arange(idx.shape[0], device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
+        elif last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def hidden_states(self, idx: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The final normed states (B, T, C) of token ids (B, T), for task heads (no cache).
+
+        ``attention_mask`` (B, T) bool is True for real tokens; positions count real tokens only, so
+        a row's states at its real tokens are the same alone, right-padded or left-padded.
+        """
+        position_ids = None
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        return self.norm(self._trunk(idx, position_ids, attention_mask, None))
+
+    def _trunk(self, idx: Tensor, position_ids: Tensor | None, attention_mask: Tensor | None,
+               cache: KVCache | SlotKVCache | None) -> Tensor:
+        """Embeddings and the block stack: (B, T) ids -> (B, T, C) states before the final norm
+        (arguments as in :meth:`forward`); extends ``cache`` when one is given."""
+        T = idx.shape[1]
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds the context of {self.config.block_size}")
@@ -372,11 +397,7 @@ class DecoderLM(nn.Module):
             x = block(x, rope, mask, cache, i)
         if cache is not None:
             cache.advance(T)
-        if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
-        elif last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return x
 
     # -------------------------------------------------------------- introspection
     def num_parameters(self, non_embedding: bool = False) -> int:

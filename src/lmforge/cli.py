@@ -99,22 +99,34 @@ def cmd_pretrain(args: argparse.Namespace) -> int | None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from lmforge.config import FinetuneConfig, read_config_file
     from lmforge.options import build_dataclass, deep_merge, namespace_to_dict
-    from lmforge.recipes.finetune import finetune
+    from lmforge.recipes.finetune import finetune, resolve_task
 
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
     if isinstance(values.get("data"), str):
         values["data"] = {"path": values["data"]}
-    overrides = namespace_to_dict(args, keep=("checkpoint", "out", "data", "train", "lora", "eval", "resume"))
+    if isinstance(values.get("model"), str):
+        values["model"] = {"preset": values["model"]}
+    overrides = namespace_to_dict(args, keep=("checkpoint", "task", "purpose", "tokenizer", "model", "out", "data",
+                                              "train", "lora", "eval", "resume"))
     config = build_dataclass(FinetuneConfig, deep_merge(values, overrides))
     result = finetune(config)
     metrics = result.metrics
-    print(f"trained {result.step:,} steps ({result.tokens:,} tokens) in {result.elapsed:.1f} s; held-out response "
-          f"loss {metrics['val_loss']:.4f}, perplexity {metrics['val_ppl']:.2f}")
+    task = resolve_task(config)
+    if task == "sft":
+        scores = f"response loss {metrics['val_loss']:.4f}, perplexity {metrics['val_ppl']:.2f}"
+    else:
+        scores = ", ".join(f"{name.removeprefix('val_')} {value:.4f}" for name, value in metrics.items()
+                           if name.startswith("val_"))
+    print(f"trained {result.step:,} steps ({result.tokens:,} tokens) in {result.elapsed:.1f} s; held-out {scores}")
     print(f"run directory: {result.run_dir}  (config.yaml, metrics.jsonl, tensorboard/, loss.png)")
     print(f"checkpoints:   {result.final_checkpoint} (last), {result.best_checkpoint} (best held-out loss)")
     if config.lora.enabled:
         print(f"LoRA adapters only; fold them into full weights with: lmforge merge-lora {result.best_checkpoint} OUT")
-    print(f"next: lmforge chat {result.run_dir}")
+    next_step = {"sft": f"lmforge chat {result.run_dir}",
+                 "classification": f"lmforge eval {result.run_dir} --task classification --data FILE",
+                 "qa": f"lmforge eval {result.run_dir} --task qa --data FILE",
+                 "seq2seq": f"lmforge generate {result.run_dir} --prompt \"...\""}
+    print(f"next: {next_step[task]}")
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> None:
@@ -145,7 +157,7 @@ EVAL_OPTIONS = {  # flag -> (option name, type); which task takes which: lmforge
     "--format": ("format", str), "--prompt-template": ("prompt_template", str),
     "--reference-field": ("reference_field", str), "--text-field": ("text_field", str),
     "--label-field": ("label_field", str), "--template": ("template", str), "--stride": ("stride", int),
-    "--batch-size": ("batch_size", int), "--num-samples": ("num_samples", int),
+    "--batch-size": ("batch_size", int), "--num-samples": ("num_samples", int), "--beam-size": ("beam_size", int),
 }
 
 
@@ -382,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
-    p = command("pretrain", "pretrain a decoder-only model on prepared data",
+    p = command("pretrain", "pretrain a model on prepared data (decoder/LSTM: next token; encoder: masked tokens)",
                 "Pretrain a model. Options come from --config FILE (YAML), overridden by flags; every YAML key "
                 "is also a flag (e.g. train.lr -> --train.lr).")
     p.add_argument("--config", metavar="FILE", help="YAML file with data, out, model, train sections")
@@ -395,14 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
 
-    p = command("finetune", "fine-tune a checkpoint on instructions, chats, prompt/completion pairs or text",
-                "Fine-tune a checkpoint (full or LoRA) through the same training loop as pretraining. Options "
-                "come from --config FILE (YAML), overridden by flags; every YAML key is also a flag.")
+    p = command("finetune", "fine-tune on chats/instructions/text (sft), labelled texts (classification), "
+                            "SQuAD-style questions (qa) or source/target pairs (seq2seq)",
+                "Fine-tune a checkpoint (full or LoRA) through the same training loop as pretraining, or train a "
+                "task model from scratch (--tokenizer DIR --model.preset NAME). The task comes from the data "
+                "(or --task). Options come from --config FILE (YAML), overridden by flags; every YAML key is "
+                "also a flag.")
     p.add_argument("checkpoint", nargs="?", default=argparse.SUPPRESS,
                    help="base checkpoint or run directory, or a Hugging Face folder")
     p.add_argument("--config", metavar="FILE", help="YAML file with checkpoint, data, out, train, lora, eval")
     p.add_argument("--data", dest="data.path", default=argparse.SUPPRESS, metavar="FILE",
-                   help="same as --data.path: JSONL/JSON (chat, alpaca, prompt/completion, text) or a text file")
+                   help="same as --data.path: JSONL/JSON (chat, alpaca, prompt/completion, text, labelled texts, "
+                        "SQuAD-style, source/target), CSV/TSV, or a text file")
     add_arguments(p, FinetuneConfig, skip=("checkpoint",))
     p.set_defaults(func=cmd_finetune)
 

@@ -13,8 +13,10 @@ function of ``(seed, s)`` (each epoch is a fresh permutation), so resuming needs
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -96,21 +98,22 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, T
     return {"input_ids": input_ids, "labels": labels}
 
 
-class SupervisedBatches:
-    """Micro-batches of encoded rows; which rows step ``s`` uses depends only on ``(seed, s)``.
+class ShuffledBatches:
+    """Micro-batches of rows made by ``collate(rows)``; which rows step ``s`` uses depends only on
+    ``(seed, s)``, so resuming needs no data position.
 
     Each epoch is a permutation of the rows drawn from ``numpy.random.default_rng([seed, epoch])``;
     a step takes the next ``batch_size * world_size * grad_accum`` rows of that sequence, split by
     micro-batch and rank.
     """
 
-    def __init__(self, rows: list[tuple[list[int], list[int]]], batch_size: int, grad_accum: int, seed: int,
-                 pad_id: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, rows: list[Any], batch_size: int, grad_accum: int, seed: int,
+                 collate: Callable[[list[Any]], dict[str, Tensor]], rank: int = 0, world_size: int = 1):
         self.rows, self.batch_size, self.grad_accum, self.seed = rows, batch_size, grad_accum, seed
-        self.pad_id, self.rank, self.world_size = pad_id, rank, world_size
+        self.collate, self.rank, self.world_size = collate, rank, world_size
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
-    def _row(self, position: int) -> tuple[list[int], list[int]]:
+    def _row(self, position: int) -> Any:
         epoch, index = divmod(position, len(self.rows))
         if epoch != self._epoch:
             self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
@@ -119,8 +122,16 @@ class SupervisedBatches:
     def batch(self, step: int, micro: int) -> dict[str, Tensor]:
         per_step = self.batch_size * self.world_size * self.grad_accum
         first = step * per_step + (micro * self.world_size + self.rank) * self.batch_size
-        return collate([self._row(first + j) for j in range(self.batch_size)], self.pad_id)
+        return self.collate([self._row(first + j) for j in range(self.batch_size)])
 
     def epochs(self, steps: int) -> float:
         """How many passes over the data ``steps`` optimiser steps make."""
         return steps * self.batch_size * self.world_size * self.grad_accum / len(self.rows)
+
+
+class SupervisedBatches(ShuffledBatches):
+    """:class:`ShuffledBatches` of encoded ``(ids, labels)`` rows, right-padded with ``pad_id``."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int]]], batch_size: int, grad_accum: int, seed: int,
+                 pad_id: int, rank: int = 0, world_size: int = 1):
+        super().__init__(rows, batch_size, grad_accum, seed, partial(collate, pad_id=pad_id), rank, world_size)

@@ -37,7 +37,6 @@ Every task returns a report ``{"task", "data", "examples", "metrics": {...}, "se
 
 from __future__ import annotations
 
-import csv
 import inspect
 import json
 import math
@@ -50,6 +49,8 @@ import torch
 
 from lmforge.config import SamplingConfig
 from lmforge.data.formats import prompt_and_reference, read_records, record_format
+from lmforge.data.labelled import FieldName, read_labelled
+from lmforge.data.tasks import read_pairs
 from lmforge.errors import ConfigError, DataError
 from lmforge.evaluation import metrics as M
 from lmforge.evaluation.generation import Generation, eval_mode, generate_ids, make_sampling
@@ -110,77 +111,6 @@ def _text(value: Any, what: str, number: int) -> str:
     if not isinstance(value, str):
         raise DataError(f"record {number}: {what} must be text, not {type(value).__name__}")
     return value
-
-
-FieldName = str | int
-
-
-def read_labelled(path: str | Path, text_field: FieldName | Sequence[FieldName] | None = None,
-                  label_field: FieldName = "label") -> list[tuple[str, str]]:
-    """``(text, label)`` pairs of a JSON(L), CSV or TSV file; labels as strings.
-
-    Columns are found by name in JSON records and in the header row of CSV/TSV files; the text
-    column defaults to ``text``, else ``sentence``. For files without a header give the columns as
-    0-based numbers. Several text columns (a list) are joined with a space (e.g. title + body).
-    """
-    path = Path(path)
-    fields = list(text_field) if isinstance(text_field, (list, tuple)) else [text_field]
-    numbered = any(isinstance(f, int) for f in [*fields, label_field])
-    if numbered and not all(isinstance(f, int) for f in [*fields, label_field]):
-        raise ConfigError("give text_field and label_field either both as column names (files with a header) "
-                          "or both as 0-based column numbers (files without one)")
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        if not path.is_file():
-            raise DataError(f"data file {path} does not exist")
-        try:
-            with open(path, encoding="utf-8", newline="") as f:
-                if suffix == ".tsv":
-                    rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-                else:
-                    rows = list(csv.reader(f))
-        except (UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(f"cannot read {path}: {exc}") from None
-        rows = [row for row in rows if row]
-        if not rows:
-            raise DataError(f"{path} holds no examples")
-        if numbered:  # no header: columns by position
-            table = rows
-            columns = {i: i for i in range(max(len(r) for r in rows))}
-        else:
-            header, table = rows[0], rows[1:]
-            columns = {name: i for i, name in enumerate(header)}
-        records: list[dict[Any, Any]] = [{key: row[i] for key, i in columns.items() if i < len(row)}
-                                         for row in table]
-        where = f"the columns of {path} ({', '.join(map(str, columns))})"
-    else:
-        records = read_records(path)
-        if numbered:
-            raise DataError(f"{path}: JSON records name their fields; column numbers are for CSV/TSV files")
-        where = f"the records of {path}"
-    if not records:
-        raise DataError(f"{path} holds no examples")
-    first = records[0]
-    if fields == [None]:
-        found = next((name for name in ("text", "sentence") if name in first), None)
-        if found is None:
-            raise DataError(f"no text column (text or sentence) in {where}; set text_field (a name, or a "
-                            f"0-based column number for files without a header)")
-        fields = [found]
-    for name in [*fields, label_field]:
-        if name not in first:
-            raise DataError(f"no column {name!r} in {where}; set text_field/label_field (names, or 0-based "
-                            f"column numbers for files without a header)")
-    pairs = []
-    for number, record in enumerate(records, 1):
-        if any(name not in record for name in [*fields, label_field]):
-            raise DataError(f"{path}, example {number}: missing a text or label column")
-        text = " ".join(_text(record[name], f"column {name!r}", number) for name in fields)
-        label = record[label_field]
-        if label is None or isinstance(label, (dict, list)):
-            raise DataError(f"{path}, example {number}: the label must be a string or number, not {label!r}")
-        pairs.append((text, str(label).strip()))
-    return pairs
 
 
 # ------------------------------------------------------------------------------------------
@@ -269,10 +199,15 @@ def generation_metrics(model: torch.nn.Module, tokenizer: Tokenizer, examples: S
 
 def run_generation(lm: LanguageModel, data: DataPaths, *, limit: int | None = None, progress: bool = True,
                    format: str = "auto", prompt_template: str | None = None, reference_field: str | None = None,
-                   batch_size: int = 16, **sampling: Any) -> dict[str, Any]:
+                   batch_size: int = 16, beam_size: int = 1, **sampling: Any) -> dict[str, Any]:
     """Generate for fine-tuning records and compare with their references (see
     :func:`generation_metrics`); ``sampling`` holds :class:`SamplingConfig` fields (default greedy,
-    ``max_new_tokens`` 128)."""
+    ``max_new_tokens`` 128). An encoder-decoder reads source/target records or two parallel text
+    files (sources, then targets) and may decode with ``beam_size`` > 1."""
+    if getattr(lm, "kind", "causal_lm") == "seq2seq":
+        return _run_seq2seq(lm, data, limit, progress, batch_size, beam_size, sampling)
+    if beam_size != 1:
+        raise ConfigError("beam_size is for encoder-decoder checkpoints")
     records = _limited(_records(data, "generation"), limit)
     config = make_sampling(None, **{"temperature": 0.0, **sampling})  # checked before the slow part
     examples = generation_examples(records, lm.tokenizer, format, prompt_template, reference_field)
@@ -285,6 +220,32 @@ def run_generation(lm: LanguageModel, data: DataPaths, *, limit: int | None = No
                for g, (_, ref) in zip(generations[:SAMPLES_IN_REPORT], examples)]
     return {"examples": len(examples), "metrics": results,
             "truncated": sum(g.prompt_truncated > 0 for g in generations), "samples": samples}
+
+
+def _run_seq2seq(lm: LanguageModel, data: DataPaths, limit: int | None, progress: bool, batch_size: int,
+                 beam_size: int, sampling: dict[str, Any]) -> dict[str, Any]:
+    paths = data_paths(data)
+    if len(paths) not in (1, 2):
+        raise DataError("give source/target records (one JSON(L) file) or two parallel text files (sources, targets)")
+    pairs = _limited(read_pairs(paths[0], paths[1] if len(paths) == 2 else None), limit)
+    options = {"max_new_tokens": 128, **sampling}
+    if beam_size > 1:
+        options["beam_size"] = beam_size
+    hypotheses = []
+    bar = progress_bar(len(pairs), "eval generation", unit="example", enabled=progress)
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = [source for source, _ in pairs[start:start + batch_size]]
+            hypotheses += lm.generate(chunk, **options)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    references = [target.strip() for _, target in pairs]
+    results = {"bleu": M.bleu(hypotheses, references), "chrf": M.chrf(hypotheses, references),
+               **M.rouge(hypotheses, references)}
+    samples = [{"source": s[:200], "prediction": h, "reference": r}
+               for (s, _), h, r in zip(pairs[:SAMPLES_IN_REPORT], hypotheses, references)]
+    return {"examples": len(pairs), "metrics": results, "samples": samples}
 
 
 # ------------------------------------------------------------------------------------------
@@ -327,6 +288,18 @@ def run_qa(lm: LanguageModel, data: DataPaths, *, limit: int | None = None, prog
     """Extractive QA by generation: SQuAD ``exact_match`` and ``f1`` (0-100). Greedy, up to 32 new
     tokens, stopping at a newline, unless ``sampling`` says otherwise."""
     records = _limited(_records(data, "qa"), limit)
+    if getattr(lm, "kind", "causal_lm") == "qa":  # an extractive model: best spans over context windows
+        if sampling or template != QA_TEMPLATE:
+            raise ConfigError("an extractive QA checkpoint takes no template or sampling options")
+        examples = [(_text(r.get("question"), "'question'", n), _text(r.get("context"), "'context'", n),
+                     qa_answers(r, n)) for n, r in enumerate(records, 1)]
+        answers = lm.answer([q for q, _, _ in examples], [c for _, c, _ in examples])
+        predictions = [a.text for a in answers]
+        gold = [g for _, _, g in examples]
+        samples = [{"question": q, "prediction": p, "answers": g}
+                   for (q, _, g), p in zip(examples[:SAMPLES_IN_REPORT], predictions)]
+        return {"examples": len(examples), "metrics": M.squad_scores(predictions, gold), "truncated": 0,
+                "samples": samples}
     config = make_sampling(None, **{"temperature": 0.0, "max_new_tokens": 32, "stop": ["\n"], **sampling})
     if config.num_samples != 1:
         raise ConfigError("the qa task generates one answer per question; num_samples must be 1")
@@ -481,8 +454,22 @@ def run_classification(lm: LanguageModel, data: DataPaths, *, limit: int | None 
         if missing:
             raise DataError(f"the data has label(s) {', '.join(missing[:5])} that are not among the candidate "
                             f"labels {candidates}")
+    elif getattr(lm, "kind", "causal_lm") == "classification":
+        candidates = list(lm.task["labels"])
     else:
         candidates = sorted(set(gold))
+    if getattr(lm, "kind", "causal_lm") == "classification":
+        unknown = sorted(set(gold) - set(candidates))
+        if unknown:
+            raise DataError(f"the data has label(s) {', '.join(unknown[:5])} that the classifier does not know "
+                            f"(its labels: {', '.join(candidates)})")
+        texts = [text for text, _ in pairs]
+        predictions = [c.label for c in lm.classify(texts, labels=candidates)]
+        samples = [{"text": t[:200], "prediction": p, "label": g}
+                   for t, p, g in zip(texts[:SAMPLES_IN_REPORT], predictions, gold)]
+        return {"examples": len(texts),
+                "metrics": {"accuracy": M.accuracy(predictions, gold), "macro_f1": M.macro_f1(predictions, gold)},
+                "labels": candidates, "truncated": 0, "samples": samples}
     if len(candidates) < 2:
         raise DataError(f"classification needs at least two candidate labels, got {candidates}")
     texts = [text for text, _ in pairs]
@@ -585,7 +572,7 @@ def task_options(task: str) -> tuple[str, ...]:
 _OPTION_TYPES: dict[str, tuple[type, ...]] = {  # sampling options are checked by SamplingConfig
     "batch_size": (int,), "num_samples": (int,), "stride": (int,), "normalize": (bool,), "template": (str,),
     "format": (str,), "prompt_template": (str,), "reference_field": (str,), "labels": (list, tuple),
-    "label_names": (dict,), "label_field": (str, int), "text_field": (str, int, list, tuple),
+    "label_names": (dict,), "label_field": (str, int), "text_field": (str, int, list, tuple), "beam_size": (int,),
 }
 
 

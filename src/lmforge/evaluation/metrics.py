@@ -199,6 +199,17 @@ def macro_f1(predictions: Sequence[Hashable], references: Sequence[Hashable],
                           average="macro", zero_division=0))
 
 
+def multi_label_f1(predicted: Sequence[Sequence[bool]], gold: Sequence[Sequence[bool]]) -> dict[str, float]:
+    """Micro- and macro-averaged F1 (0-1) of multi-label predictions given as 0/1 rows (N, L)
+    (``sklearn.metrics.f1_score`` on the indicator matrices; a label never predicted nor present
+    scores 0)."""
+    from sklearn.metrics import f1_score
+
+    _check_pairs("multi-label F1", predicted, gold)
+    return {average + "_f1": float(f1_score(list(gold), list(predicted), average=average, zero_division=0))
+            for average in ("micro", "macro")}
+
+
 # ------------------------------------------------------------------------------------------
 # Open-ended generation: diversity (distinct-n, coverage 0-1; self-BLEU 0-100)
 # ------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from torch import nn
 from lmforge.config import FinetuneConfig, to_dict
 from lmforge.data.formats import DEFAULT_CHAT_TEMPLATE, read_records, record_format
 from lmforge.data.supervised import EncodedSet, SupervisedBatches, collate, encode_set, split_records
+from lmforge.data.tasks import detect_task
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.evaluation.harness import generation_examples, generation_metrics
 from lmforge.fileio import atomic_write_text
@@ -95,13 +96,38 @@ def load_base(config: FinetuneConfig, run_dir: Path, context: DistContext) -> tu
     return model, tokenizer, base
 
 
+def resolve_task(config: FinetuneConfig) -> str:
+    """The task of a run: ``config.task``, or (auto) what the data is: parallel files or source/target
+    records are seq2seq, CSV/TSV files and labelled records classification, SQuAD-style records qa,
+    anything else generative fine-tuning (sft)."""
+    if config.task != "auto":
+        return config.task
+    if config.data.target_path:
+        return "seq2seq"
+    if Path(config.data.path).suffix.lower() in (".csv", ".tsv"):
+        return "classification"
+    records = read_records(config.data.path)
+    return detect_task(records) or "sft"
+
+
 def finetune(config: FinetuneConfig) -> TrainResult:
-    """Run (or resume) a fine-tuning run described by ``config``."""
+    """Run (or resume) a fine-tuning run described by ``config``: generative fine-tuning (sft) here,
+    the task models in :mod:`lmforge.recipes.tasks`."""
     config.validate()
+    task = resolve_task(config)
+    if task != "sft":
+        from lmforge.recipes.tasks import finetune_task
+
+        return finetune_task(config, task)
+    if not config.checkpoint:
+        raise ConfigError("generative fine-tuning (sft) starts from a checkpoint: give CHECKPOINT")
     run_dir = Path(config.out)
     runtime = setup_runtime(config.train)
     context, train_config = runtime.context, config.train
     model, tokenizer, base = load_base(config, run_dir, context)
+    if model.config.family not in ("decoder", "lstm") or hasattr(model, "backbone"):
+        raise ConfigError(f"{base} is not a causal language model: generative fine-tuning (sft) needs a decoder "
+                          f"or LSTM language model; for it use --task classification, qa or seq2seq")
     block_size = model.config.block_size
 
     records = read_records(config.data.path)

@@ -1,9 +1,16 @@
-"""The pretraining recipe: prepared token shards + a decoder model + next-token loss -> the loop."""
+"""The pretraining recipe: prepared token shards + a model + its objective -> the loop.
+
+Decoders and LSTMs learn to predict the next token (``clm``); encoders learn to fill in masked
+tokens (``mlm``, BERT's recipe): their tokenizer gains a ``<|mask|>`` token and the evaluation masks
+the fixed validation windows with a fixed seed, so every evaluation scores the same predictions.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +24,22 @@ from lmforge.data.windows import RandomWindows, eval_batches, eval_window_starts
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fileio import atomic_write_text
 from lmforge.models import build_model, config_from_dict
+from lmforge.tokenizer import Tokenizer
 from lmforge.training.checkpoint import latest_checkpoint, read_config
 from lmforge.training.distributed import DistContext, all_reduce_sum
-from lmforge.training.loop import TrainResult, setup_runtime, train
-from lmforge.training.objectives import causal_lm_loss, summed_causal_lm_loss
+from lmforge.training.loop import Objective, TrainResult, setup_runtime, train
+from lmforge.training.objectives import (
+    causal_lm_loss,
+    masked_lm_objective,
+    summed_causal_lm_loss,
+    summed_masked_lm_loss,
+)
 
 log = logging.getLogger(__name__)
+
+SummedLoss = Callable[[nn.Module, dict[str, torch.Tensor], torch.Generator], tuple[torch.Tensor, int]]
+"""(model, batch, generator for any randomness) -> (summed loss, number of predictions)."""
+EVAL_MASK_SEED = 1234
 
 
 class WindowLossEvaluator:
@@ -33,8 +50,9 @@ class WindowLossEvaluator:
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, windows: int | None,
-                 final_windows: int | None, context: DistContext):
+                 final_windows: int | None, context: DistContext, summed_loss: SummedLoss = summed_causal_lm_loss):
         self.tokens, self.block_size, self.batch_size, self.context = tokens, block_size, batch_size, context
+        self.summed_loss = summed_loss
         self.starts = eval_window_starts(len(tokens), block_size, windows)
         self.final_starts = eval_window_starts(len(tokens), block_size, final_windows)
 
@@ -42,12 +60,27 @@ class WindowLossEvaluator:
         starts = (self.final_starts if final else self.starts)[self.context.rank::self.context.world_size]
         device = next(model.parameters()).device
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
+        generator = torch.Generator(device).manual_seed(EVAL_MASK_SEED)  # the same masks at every evaluation
         for batch in eval_batches(self.tokens, starts, self.block_size, self.batch_size):
-            loss, count = summed_causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+            loss, count = self.summed_loss(model, {k: v.to(device) for k, v in batch.items()}, generator)
             totals += torch.tensor([loss.item(), count], dtype=torch.float64, device=device)
         all_reduce_sum(totals, self.context)
         val_loss = (totals[0] / totals[1]).item()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+
+def objectives(config: PretrainConfig, tokenizer: Tokenizer) -> tuple[Objective, SummedLoss]:
+    """The training objective and the evaluation's summed loss of the run's objective."""
+    if config.resolved_objective == "clm":
+        return causal_lm_loss, lambda model, batch, generator: summed_causal_lm_loss(model, batch)
+    args = (tokenizer.mask_id, tokenizer.vocab_size, config.mlm_probability, tokenizer.special_ids)
+    return masked_lm_objective(*args), partial(summed_masked_lm_loss, *args)
+
+
+def run_tokenizer(config: PretrainConfig, data: TokenData) -> Tokenizer:
+    """The data's tokenizer, with a mask token for masked-language modelling."""
+    tokenizer = data.tokenizer()
+    return tokenizer.with_mask() if config.resolved_objective == "mlm" else tokenizer
 
 
 def resolve_model_config(config: PretrainConfig, vocab_size: int) -> ModelConfig:
@@ -66,7 +99,7 @@ def check_inputs(config: PretrainConfig) -> None:
     """Fail early (before launching workers) on bad options or data."""
     config.validate()
     data = TokenData(config.data)
-    resolve_model_config(config, data.vocab_size)
+    resolve_model_config(config, run_tokenizer(config, data).vocab_size)
     RandomWindows(data.train, config.model.block_size, config.train.batch_size)
     eval_window_starts(len(data.val), config.model.block_size)
 
@@ -75,15 +108,18 @@ def pretrain(config: PretrainConfig) -> TrainResult:
     """Run (or resume) a pretraining run described by ``config``."""
     config.validate()
     data = TokenData(config.data)
-    tokenizer = data.tokenizer()
+    tokenizer = run_tokenizer(config, data)
     run_dir = Path(config.out)
-    model_config = resolve_model_config(config, data.vocab_size)
+    model_config = resolve_model_config(config, tokenizer.vocab_size)
     resume_from = latest_checkpoint(run_dir) if config.resume else None
     if resume_from is not None:  # the architecture of a resumed run is the checkpoint's
         saved = config_from_dict(read_config(resume_from)["model"])
         if saved.vocab_size != model_config.vocab_size:
             raise CheckpointError(f"{resume_from} was trained with a vocabulary of {saved.vocab_size}, "
                                   f"the data in {config.data} has {model_config.vocab_size}")
+        if saved.family != model_config.family:
+            raise CheckpointError(f"{resume_from} holds a {saved.family} model, this run asks for "
+                                  f"{model_config.family}")
         model_config = saved
         config.model = saved
     train_config = config.train
@@ -99,8 +135,9 @@ def pretrain(config: PretrainConfig) -> TrainResult:
     batches = RandomWindows(data.train, model_config.block_size, train_config.batch_size, train_config.grad_accum,
                             train_config.seed, context.rank, context.world_size)
     eval_batch = max(1, 16384 // model_config.block_size)
+    objective, summed_loss = objectives(config, tokenizer)
     evaluator = WindowLossEvaluator(data.val, model_config.block_size, eval_batch, train_config.eval_windows,
-                                    train_config.final_eval_windows, context)
-    info = {"data": str(config.data), "recipe": "pretrain"}
-    return train(model, causal_lm_loss, batches, evaluator, tokenizer, train_config, run_dir, runtime,
+                                    train_config.final_eval_windows, context, summed_loss)
+    info = {"data": str(config.data), "recipe": "pretrain", "objective": config.resolved_objective}
+    return train(model, objective, batches, evaluator, tokenizer, train_config, run_dir, runtime,
                  resume=config.resume, info=info)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field, field_validator
 
-from lmforge.api import LanguageModel
+from lmforge.api import SUMMARIZE_TEMPLATE, TRANSLATE_TEMPLATE, LanguageModel
 from lmforge.config import SamplingConfig
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.harness import CLASSIFICATION_TEMPLATE, QA_TEMPLATE, label_scores
@@ -31,8 +31,6 @@ from lmforge.serving.state import authorize, server_of, set_usage
 
 __all__ = ["SUMMARIZE_TEMPLATE", "TRANSLATE_TEMPLATE", "PromptTasks", "TaskAnswer", "TaskModel", "router"]
 
-SUMMARIZE_TEMPLATE = "{text}\n\nTL;DR:"
-TRANSLATE_TEMPLATE = "Translate this text from {source} to {target}.\n{source}: {text}\n{target}:"
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from torch import nn
 import lmforge
 from lmforge.config import LoraConfig, to_dict
 from lmforge.errors import CheckpointError
-from lmforge.fileio import atomic_directory, recover_directory
+from lmforge.fileio import atomic_directory, atomic_write_text, recover_directory
 from lmforge.models import build_model, config_from_dict
 from lmforge.models.lora import apply_lora, has_lora, load_lora_state_dict, lora_state_dict
 from lmforge.tokenizer import Tokenizer
@@ -125,9 +125,38 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
         model, _, _ = load_model(base_checkpoint(path, config))
         apply_lora(model, LoraConfig(**config["lora"]))
     else:
-        model = build_model(model_config)
+        model = with_task_head(build_model(model_config), config.get("task"), path)
     load_checkpoint_weights(model, path)
     return model.to(device).eval(), tokenizer, config
+
+
+def with_task_head(backbone: nn.Module, task: Any, path: Path | str = "") -> nn.Module:
+    """The backbone inside the head that the checkpoint's ``task`` record names (classification: a
+    :class:`~lmforge.models.heads.SequenceClassifier`; qa: a :class:`~lmforge.models.heads.SpanExtractor`);
+    the backbone itself for language models and seq2seq."""
+    kind = task.get("kind") if isinstance(task, dict) else None
+    if kind == "classification":
+        from lmforge.models.heads import SequenceClassifier
+
+        labels = task.get("labels")
+        if not isinstance(labels, list) or not labels:
+            raise CheckpointError(f"{path}: the classification task record has no labels")
+        return SequenceClassifier(backbone, len(labels), pooling=task.get("pooling", "first"))
+    if kind == "qa":
+        from lmforge.models.heads import SpanExtractor
+
+        return SpanExtractor(backbone)
+    if kind not in (None, "seq2seq"):
+        raise CheckpointError(f"{path}: unknown task {kind!r} (this lmforge knows classification, qa, seq2seq)")
+    return backbone
+
+
+def update_task_info(path: str | Path, task: dict[str, Any]) -> None:
+    """Replace the ``task`` record of a checkpoint's ``config.json`` (atomically)."""
+    file = Path(path) / CONFIG_FILE
+    config = read_config(path)
+    config["task"] = task
+    atomic_write_text(file, json.dumps(config, indent=2) + "\n")
 
 
 def load_checkpoint_weights(model: nn.Module, path: Path) -> None:
@@ -200,7 +229,7 @@ def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:
-    return name == "lm_head.weight" and getattr(model.config, "tie_embeddings", False)
+    return name.split(".")[-2:] == ["lm_head", "weight"] and getattr(model.config, "tie_embeddings", False)
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from lmforge.serving.generation import EventRelay
 from lmforge.serving.metrics import CONTENT_TYPE_LATEST
 from lmforge.serving.middleware import ServingMiddleware
 from lmforge.serving.schemas import DetokenizeRequest, TokenizeRequest
-from lmforge.serving.state import ServerState, authorize, server_of
+from lmforge.serving.state import ServerState, authorize, engine_decodes, server_of
 
 if TYPE_CHECKING:
     from lmforge.serving.request_log import RequestLog
@@ -80,7 +80,8 @@ def create_app(model: LanguageModel | Callable[[], LanguageModel], *, api_key: s
 
     def publish(lm: LanguageModel, engine: Engine) -> None:
         server.metrics.watch(engine)
-        server.lm, server.engine, server.tasks = lm, engine, tasks.PromptTasks(lm, engine)
+        task_model = tasks.PromptTasks if engine_decodes(lm) else tasks.CheckpointTasks
+        server.lm, server.engine, server.tasks = lm, engine, task_model(lm, engine)
 
     def load_and_serve(loop: asyncio.AbstractEventLoop) -> None:
         """The engine's thread: load the model, then run the engine's loop here, so that one thread does

@@ -29,7 +29,7 @@ router = APIRouter(dependencies=[Depends(authorize)])
 async def completions(body: CompletionRequest, request: Request) -> Any:
     server = server_of(request)
     server.check_model(body.model)
-    lm, engine = server.ready()
+    lm, engine = server.generator()
     if body.echo or body.suffix:
         raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -48,7 +48,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     server = server_of(request)
     server.check_model(body.model)
-    lm, engine = server.ready()
+    lm, engine = server.generator()
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
     try:

@@ -46,11 +46,34 @@ class ServerState:
             raise APIError(503, message, code="model_not_ready", headers={"Retry-After": "1"})
         return self.lm, self.engine
 
+    def generator(self) -> tuple[LanguageModel, Engine]:
+        """:meth:`ready`, and a 400 unless the engine can decode the model (a decoder language model)."""
+        lm, engine = self.ready()
+        if not engine_decodes(lm):
+            raise APIError(400, f"this server's model cannot be served by the continuous-batching engine (it is a "
+                                f"{lm.model.config.family} {lm.kind.replace('_', ' ')}); its endpoints: "
+                                f"{', '.join(task_routes(lm))}", code="unsupported_model")
+        return lm, engine
+
     def check_model(self, model: str | None) -> None:
         """A request naming another model is a 404 (OpenAI's answer)."""
         if model is not None and model != self.name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
+
+
+def engine_decodes(lm: LanguageModel) -> bool:
+    """Whether the continuous-batching engine generates with this model (decoder language models)."""
+    return lm.kind == "causal_lm" and lm.model.config.family == "decoder"
+
+
+TASK_ROUTES = {"classify": "/v1/classify", "answer": "/v1/answer", "translate": "/v1/translate",
+               "summarize": "/v1/summarize", "generate": "/v1/generate"}
+
+
+def task_routes(lm: LanguageModel) -> list[str]:
+    """The task endpoints that serve what ``lm`` can do."""
+    return [route for method, route in TASK_ROUTES.items() if method in lm.capabilities]
 
 
 def server_of(request: Request) -> ServerState:

@@ -11,6 +11,7 @@ implementing :class:`TaskModel` and being set as the server's ``tasks``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -27,20 +28,24 @@ from lmforge.inference.engine import Engine
 from lmforge.serving.errors import APIError
 from lmforge.serving.generation import Generation, encode_prompt, sampling_options
 from lmforge.serving.schemas import RequestBody, SamplingFields
-from lmforge.serving.state import authorize, server_of, set_usage
+from lmforge.serving.state import authorize, engine_decodes, server_of, set_usage
 
-__all__ = ["SUMMARIZE_TEMPLATE", "TRANSLATE_TEMPLATE", "PromptTasks", "TaskAnswer", "TaskModel", "router"]
+__all__ = ["SUMMARIZE_TEMPLATE", "TRANSLATE_TEMPLATE", "CheckpointTasks", "PromptTasks", "TaskAnswer", "TaskModel",
+           "router"]
 
 
 
 @dataclass(frozen=True)
 class TaskAnswer:
-    """A generated answer and its token counts."""
+    """A generated answer and its token counts (an extractive answer also has a score and its
+    character span in the context)."""
 
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    score: float | None = None
+    span: tuple[int, int] | None = None
 
 
 class TaskModel(Protocol):
@@ -105,6 +110,65 @@ class PromptTasks:
         return scores[0].tolist()
 
 
+class CheckpointTasks:
+    """The tasks of any checkpoint the engine does not decode (a classifier, an extractive QA model,
+    an encoder-decoder, an LSTM): :class:`LanguageModel`'s task methods, run by the engine's thread
+    (:meth:`Engine.call`) so that one thread does all the computing. What the checkpoint cannot do is
+    a 400 naming what it can. A classifier also tells the classify route its own ``labels`` and
+    whether they are independent (``multi_label``, with per-label ``thresholds``)."""
+
+    def __init__(self, lm: LanguageModel, engine: Engine):
+        self.lm, self.engine = lm, engine
+        classifier = lm.kind == "classification"
+        self.labels: list[str] | None = list(lm.task["labels"]) if classifier else None
+        self.multi_label = classifier and bool(lm.task.get("multi_label"))
+        thresholds = lm.task.get("thresholds") if classifier else None
+        self.thresholds = dict(zip(self.labels, thresholds)) if self.multi_label and thresholds else {}
+
+    async def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await asyncio.wrap_future(self.engine.call(functools.partial(method, *args, **kwargs)))
+        except LmforgeError as exc:
+            raise APIError(400, str(exc)) from None
+
+    async def _generated(self, request: Request, method: Any, text: str, sampling: SamplingConfig,
+                         **kwargs: Any) -> TaskAnswer:
+        prompt_tokens = len(self.lm.tokenizer.encode(text))
+        set_usage(request, prompt_tokens=prompt_tokens, prompt=text)
+        options = {k: v for k, v in dataclasses.asdict(sampling).items() if k not in ("num_samples", "stop") or v}
+        output = await self._call(method, text, **kwargs, **options)
+        tokens = len(self.lm.tokenizer.encode(output))
+        set_usage(request, completion_tokens=tokens)
+        return TaskAnswer(output, "length" if tokens >= sampling.max_new_tokens else "stop", prompt_tokens, tokens)
+
+    async def generate(self, request: Request, prompt: str, sampling: SamplingConfig) -> TaskAnswer:
+        return await self._generated(request, self.lm.generate, prompt, sampling)
+
+    async def summarize(self, request: Request, text: str, sampling: SamplingConfig) -> TaskAnswer:
+        return await self._generated(request, self.lm.summarize, text, sampling)
+
+    async def translate(self, request: Request, text: str, source: str | None, target: str,
+                        sampling: SamplingConfig) -> TaskAnswer:
+        return await self._generated(request, self.lm.translate, text, sampling, source=source, target=target)
+
+    async def answer(self, request: Request, question: str, context: str, sampling: SamplingConfig) -> TaskAnswer:
+        prompt_tokens = len(self.lm.tokenizer.encode(question)) + len(self.lm.tokenizer.encode(context))
+        set_usage(request, prompt_tokens=prompt_tokens, prompt=f"{question}\n{context}")
+        if self.lm.kind == "qa":  # extractive: a span of the context, no sampling
+            found = await self._call(self.lm.answer, question, context)
+        else:
+            options = {"temperature": sampling.temperature, "max_new_tokens": sampling.max_new_tokens}
+            found = await self._call(self.lm.answer, question, context, **options)
+        span = (found.start, found.end) if found.start is not None else None
+        return TaskAnswer(found.text, "stop", prompt_tokens, len(self.lm.tokenizer.encode(found.text)),
+                          found.score, span)
+
+    async def classify(self, request: Request, text: str, labels: list[str]) -> list[float]:
+        set_usage(request, prompt=text, prompt_tokens=len(self.lm.tokenizer.encode(text)))
+        result = await self._call(self.lm.classify, text, labels=labels)
+        return [math.log(max(result.scores[label], 1e-30)) for label in labels]
+
+
 # ------------------------------------------------------------------------------------------
 # Request bodies
 # ------------------------------------------------------------------------------------------
@@ -153,11 +217,13 @@ class AnswerRequest(_TaskSampling):
 class ClassifyRequest(RequestBody):
     model: str | None = None
     text: str = Field(min_length=1)
-    labels: list[str] = Field(min_length=1, max_length=100)
+    labels: list[str] | None = Field(None, min_length=1, max_length=100)  # a classifier's own labels when absent
 
     @field_validator("labels")
     @classmethod
-    def _distinct(cls, labels: list[str]) -> list[str]:
+    def _distinct(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is None:
+            return None
         if any(not label.strip() for label in labels):
             raise ValueError("labels must be non-empty text")
         if len(set(labels)) != len(labels):
@@ -179,9 +245,14 @@ def _tasks(request: Request, model: str | None) -> TaskModel:
 
 
 def _answer(request: Request, field: str, answer: TaskAnswer) -> dict[str, Any]:
-    return {field: answer.text, "finish_reason": answer.finish_reason, "model": server_of(request).name,
+    body = {field: answer.text, "finish_reason": answer.finish_reason, "model": server_of(request).name,
             "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
                       "total_tokens": answer.prompt_tokens + answer.completion_tokens}}
+    if answer.score is not None:
+        body["score"] = answer.score
+    if answer.span is not None:
+        body["start"], body["end"] = answer.span
+    return body
 
 
 @router.post("/v1/generate")
@@ -190,7 +261,11 @@ async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
     server = server_of(request)
     server.check_model(body.model)
     lm, engine = server.ready()
-    answer = await PromptTasks(lm, engine).complete(request, body.prompt, sampling_options(body, body.max_tokens))
+    sampling = sampling_options(body, body.max_tokens)
+    if engine_decodes(lm):
+        answer = await PromptTasks(lm, engine).complete(request, body.prompt, sampling)
+    else:
+        answer = await CheckpointTasks(lm, engine).generate(request, body.prompt, sampling)
     return _answer(request, "text", answer)
 
 
@@ -219,11 +294,21 @@ async def answer(body: AnswerRequest, request: Request) -> dict[str, Any]:
 @router.post("/v1/classify")
 async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
     tasks = _tasks(request, body.model)
-    logprobs = await tasks.classify(request, body.text, body.labels)
-    top = max(logprobs)
-    weights = [math.exp(lp - top) for lp in logprobs]
-    total = sum(weights)
-    scores = [{"label": label, "logprob": lp, "probability": w / total}
-              for label, lp, w in zip(body.labels, logprobs, weights)]
+    labels = body.labels or getattr(tasks, "labels", None)
+    if not labels:
+        raise APIError(400, "labels are required: this model scores candidate labels you give", param="labels")
+    logprobs = await tasks.classify(request, body.text, labels)
+    if getattr(tasks, "multi_label", False):  # independent labels: each its own probability
+        probabilities = [math.exp(lp) for lp in logprobs]
+    else:
+        top = max(logprobs)
+        weights = [math.exp(lp - top) for lp in logprobs]
+        probabilities = [w / sum(weights) for w in weights]
+    scores = [{"label": label, "logprob": lp, "probability": p}
+              for label, lp, p in zip(labels, logprobs, probabilities)]
     best = max(range(len(scores)), key=lambda i: logprobs[i])
-    return {"label": body.labels[best], "scores": scores, "model": server_of(request).name}
+    reply = {"label": labels[best], "scores": scores, "model": server_of(request).name}
+    if getattr(tasks, "multi_label", False):
+        thresholds = getattr(tasks, "thresholds", {})
+        reply["labels"] = [x for x, p in zip(labels, probabilities) if p >= thresholds.get(x, 0.5)]
+    return reply

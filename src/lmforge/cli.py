@@ -261,6 +261,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.stream and (len(prompts) > 1 or config.num_samples > 1):
         raise ConfigError("--stream shows one prompt and one sample at a time")
     lm = LanguageModel.load(args.checkpoint, device=args.device, dtype=args.dtype)
+    if lm.kind == "seq2seq":  # an encoder-decoder maps each text to its output
+        if args.stream:
+            raise ConfigError("an encoder-decoder writes its output whole: drop --stream")
+        outputs = lm.generate(prompts, beam_size=args.beam_size, **options)
+        for prompt, output in zip(prompts, outputs):
+            print(json.dumps({"source": prompt, "text": output}, ensure_ascii=False) if args.json else output)
+        return
+    if args.beam_size != 1:
+        raise ConfigError("--beam-size is for encoder-decoder checkpoints")
     if args.stream:
         sys.stdout.write(prompts[0])
         sys.stdout.flush()
@@ -282,6 +291,40 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if c.prompt_truncated:
             print(f"(the prompt was truncated: its first {c.prompt_truncated} tokens were dropped)", file=sys.stderr)
         print(prompt + c.text)
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from lmforge.api import LanguageModel
+
+    lm = LanguageModel.load(args.checkpoint, device=args.device, dtype=args.dtype)
+    for text, result in zip(args.text, lm.classify(args.text, labels=args.labels)):
+        if args.json:
+            print(json.dumps({"text": text, "label": result.label, "labels": result.labels, "scores": result.scores},
+                             ensure_ascii=False))
+        else:
+            scores = "  ".join(f"{label} {p:.3f}" for label, p in result.scores.items())
+            print(f"{', '.join(result.labels)}\t{scores}")
+
+
+def cmd_answer(args: argparse.Namespace) -> None:
+    from lmforge.api import LanguageModel
+
+    context = args.context
+    if args.context_file:
+        try:
+            context = Path(args.context_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {args.context_file}: {exc}") from None
+    if not context:
+        raise ConfigError("give the context: --context TEXT or --context-file FILE")
+    lm = LanguageModel.load(args.checkpoint, device=args.device, dtype=args.dtype)
+    found = lm.answer(args.question, context)
+    if args.json:
+        print(json.dumps({"answer": found.text, "score": found.score, "start": found.start, "end": found.end},
+                         ensure_ascii=False))
+    else:
+        where = f" (characters {found.start}-{found.end})" if found.start is not None else ""
+        print(f"{found.text}{where}")
 
 
 def _sampling_names() -> tuple[str, ...]:
@@ -491,8 +534,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", action="store_true",
                    help="drop the start of a prompt that is too long for the context (else an error)")
     p.add_argument("--json", action="store_true", help="print one JSON object per sample")
+    p.add_argument("--beam-size", type=int, default=1, metavar="N",
+                   help="encoder-decoder checkpoints: beam search with N beams (1: greedy or sampling)")
     _add_device_options(p)
     p.set_defaults(func=cmd_generate)
+
+    p = command("classify", "classify texts with a classifier checkpoint (or zero-shot with a language model)")
+    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p.add_argument("text", nargs="+", help="text(s) to classify")
+    p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
+                   help="candidate labels (needed by a language model; a classifier's own labels by default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per text")
+    _add_device_options(p)
+    p.set_defaults(func=cmd_classify)
+
+    p = command("answer", "answer a question about a context (extractive QA checkpoint, or a language model)")
+    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p.add_argument("--question", required=True, help="the question")
+    p.add_argument("--context", default=None, help="the context text")
+    p.add_argument("--context-file", default=None, metavar="FILE", help="read the context from a file")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_device_options(p)
+    p.set_defaults(func=cmd_answer)
 
     p = command("perplexity", "perplexity of a checkpoint on a text file")
     p.add_argument("checkpoint", help="checkpoint or run directory")

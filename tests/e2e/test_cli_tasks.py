@@ -1,0 +1,67 @@
+"""Task models from the command line: train-tokenizer, finetune from scratch on a task format, then
+classify / answer / generate / eval with the checkpoint; bad input is a one-line error (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from cli_helpers import assert_clean_error, lmforge
+
+TOPICS = {"sport": ["ball", "goal"], "food": ["soup", "bread"]}
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli-cls")
+    rng = random.Random(0)
+    rows = []
+    for _ in range(300):
+        label = rng.choice(list(TOPICS))
+        rows.append((" ".join([rng.choice(["we", "saw", "a", "the"]), rng.choice(TOPICS[label]), "today"]), label))
+    data = folder / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in rows), encoding="utf-8")
+    (folder / "text.txt").write_text("\n".join(t for t, _ in rows), encoding="utf-8")
+    made = lmforge("train-tokenizer", "--input", folder / "text.txt", "--kind", "char", "--out", folder / "tok")
+    assert made.returncode == 0, made.stderr
+    run = lmforge("finetune", "--tokenizer", folder / "tok", "--data", data, "--out", folder / "run",
+                  "--model.family", "encoder", "--model.n_layer", 2, "--model.n_embd", 32, "--model.n_head", 2,
+                  "--model.block_size", 32, "--train.max_steps", 120, "--train.lr", 3e-3, "--train.device", "cpu",
+                  "--train.progress", "false", "--train.eval_interval", 60, threads=1)
+    assert run.returncode == 0, run.stderr
+    return folder, run
+
+
+def test_finetune_reports_the_task_metrics_and_next_step(classifier):
+    folder, run = classifier
+    assert "held-out loss" in run.stdout and "accuracy" in run.stdout and "macro_f1" in run.stdout
+    assert f"lmforge eval {folder / 'run'} --task classification" in run.stdout
+
+
+def test_classify_and_eval_commands(classifier):
+    folder, _ = classifier
+    result = lmforge("classify", folder / "run", "we saw the soup today", "a goal", "--json", threads=1)
+    assert result.returncode == 0, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["label"] for a in answers] == ["food", "sport"]
+    report = lmforge("eval", folder / "run", "--task", "classification", "--data", folder / "train.tsv",
+                     "--limit", 50, "--quiet", threads=1)
+    assert report.returncode == 0, report.stderr
+    assert "accuracy" in report.stdout
+    assert_clean_error(lmforge("answer", folder / "run", "--question", "q?", "--context", "c", threads=1),
+                       "cannot answer", "it can classify")
+    assert_clean_error(lmforge("classify", folder / "run", "x", "--labels", "food", "toast", threads=1),
+                       "unknown label")
+
+
+def test_task_input_errors_are_one_line(classifier, tmp_path):
+    folder, _ = classifier
+    assert_clean_error(lmforge("finetune", "--data", folder / "train.tsv", "--out", tmp_path / "x"),
+                       "no base checkpoint")
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"source": "a"}\n', encoding="utf-8")
+    assert_clean_error(lmforge("finetune", "--tokenizer", folder / "tok", "--data", bad, "--task", "seq2seq",
+                               "--out", tmp_path / "y", "--model.family", "seq2seq"), "source and target")
+    assert_clean_error(lmforge("finetune", "--tokenizer", folder / "tok", "--data", folder / "train.tsv",
+                               "--task", "translate", "--out", tmp_path / "z"), "task must be one of")

@@ -76,6 +76,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16") -> 
     check_output_file(out)
     model, tokenizer, info = load_model(checkpoint)
     config = model.config
+    if hasattr(model, "backbone"):
+        raise ConfigError("task checkpoints (classification or QA heads) do not export to GGUF")
     if config.family != "decoder" or architecture_for(config) is not LLAMA:
         raise ConfigError("GGUF export needs a Llama-flavoured model (rope, rmsnorm, swiglu); export GPT-2 "
                           "flavoured models with 'lmforge export hf' instead")

@@ -440,6 +440,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> P
     config = model.config
     if config.family != "decoder":
         raise ConfigError(f"only decoder models export to Hugging Face, not {config.family!r} models")
+    if hasattr(model, "backbone"):
+        raise ConfigError("task checkpoints (classification or QA heads) do not export; export the language model "
+                          "they were fine-tuned from")
     arch = architecture_for(config)
     state = {k: v.to(DTYPES[dtype]) for k, v in to_hf_state(unique_state(model), config, arch).items()}
     special_ids = {f"{role}_token_id": tokenizer.hf.token_to_id(token) for role, token in tokenizer.special.items()

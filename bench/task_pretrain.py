@@ -1,0 +1,113 @@
+"""The shared base of the task benchmarks: one byte-level BPE tokenizer and one encoder pretrained
+with masked-language modelling on English text from ../shared/data that no benchmark evaluates on.
+
+What goes in (one JSONL record per document, shuffled with a fixed seed; 2% held out for MLM loss):
+- SQuAD v1.1 contexts (each paragraph once) of the 30 QA *training* articles (bench/tasklib.py: the
+  6 evaluation articles are left out),
+- WikiText-2 ``wikitext2.valid.tokens`` (one record per paragraph line; not used by any other benchmark
+  here),
+- AESLC ``train.jsonl`` email bodies of the first ``--aeslc-documents`` (4,000) records (``document``;
+  the dev set and all subject lines are left out; capped so that emails do not dominate),
+- AG News ``train.csv`` texts (title + description; ``test.csv`` left out),
+- SST-2 training sentences (every 5th row of ``train.tsv`` is the test set and is left out).
+
+Tokenizer: ``Tokenizer.train(texts, "bpe", 8192)`` on that corpus (MLM pretraining adds ``<|mask|>``).
+Model: a rotary-position encoder, width 256, 4 heads, ``--layers`` blocks (default 4), 256-token
+windows, trained with ``lmforge.recipes.pretrain.pretrain`` (objective auto = mlm, 15% of tokens) for
+``--max-time`` seconds (the learning rate decays over that time).
+
+    python bench/task_pretrain.py [--work /tmp/lmforge-tasks/pretrain] [--max-time 780] [--layers 4]
+                                  [--quick] [--json FILE]
+
+The encoder is then ``WORK/mlm`` (pass it to the other scripts with ``--encoder``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+from lmforge.config import ModelConfig, PretrainConfig, TrainConfig
+from lmforge.data.shards import prepare
+from lmforge.recipes.pretrain import pretrain
+from lmforge.tokenizer import Tokenizer
+from tasklib import DATA, aeslc, ag_news, need, setup_logging, squad, sst2, write_json, write_jsonl
+
+
+def corpus_documents(aeslc_documents: int) -> dict[str, list[str]]:
+    """The pretraining documents per source (see the module docstring)."""
+    contexts = list(dict.fromkeys(r["context"] for r in squad("train")))
+    wiki = [line.strip() for line in (DATA / "lm_ptb_wikitext2" / "wikitext2.valid.tokens").read_text(
+        encoding="utf-8").splitlines() if line.strip() and not line.strip().startswith("=")]
+    return {
+        "squad_train_contexts": contexts,
+        "wikitext2_valid": wiki,
+        "aeslc_train_documents": [r["document"] for r in aeslc("train")[:aeslc_documents] if r["document"].strip()],
+        "ag_news_train": [r["text"] for r in ag_news("train")],
+        "sst2_train_sentences": [r["text"] for r in sst2("train")],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/lmforge-tasks/pretrain")
+    parser.add_argument("--max-time", type=float, default=780.0, help="seconds of MLM pretraining")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--aeslc-documents", type=int, default=4000, help="AESLC emails kept (the first N)")
+    parser.add_argument("--quick", action="store_true", help="a few seconds: tiny model, 10 steps")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    need(DATA / "squad_v1.1", DATA / "aeslc", DATA / "ag_news", DATA / "sst2", DATA / "lm_ptb_wikitext2")
+    setup_logging()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    sources = corpus_documents(args.aeslc_documents)
+    documents = [{"text": t, "source": name} for name, texts in sources.items() for t in texts]
+    random.Random(0).shuffle(documents)
+    if args.quick:
+        documents = documents[:2000]
+    corpus = write_jsonl(work / "corpus.jsonl", documents)
+
+    start = time.perf_counter()
+    if not (work / "tokenizer" / "tokenizer.json").is_file():
+        Tokenizer.train((d["text"] for d in documents), "bpe", 8192).save(work / "tokenizer")
+    meta = prepare([corpus], work / "tokenizer", work / "data", val_fraction=0.02, progress=False)
+    prep_seconds = time.perf_counter() - start
+
+    model = ModelConfig(family="encoder", n_layer=args.layers, n_head=4, n_embd=256, block_size=256,
+                        position="rope", mlp="gelu", norm="layernorm")
+    train = TrainConfig(max_steps=None, max_time=args.max_time, lr=args.lr, warmup_steps=40,
+                        batch_size=args.batch_size, eval_interval=300, eval_windows=64, final_eval_windows=256,
+                        save_interval=0, log_interval=20, progress=False, device="cpu", dtype="fp32")
+    if args.quick:
+        model.n_layer, model.n_embd, model.block_size = 2, 64, 64
+        train.max_time, train.max_steps, train.eval_interval, train.warmup_steps = None, 10, 0, 2
+        train.final_eval_windows = 16
+    start = time.perf_counter()
+    result = pretrain(PretrainConfig(data=str(work / "data"), out=str(work / "mlm"), model=model, train=train))
+    seconds = time.perf_counter() - start
+
+    chars = {name: sum(len(t) for t in texts) for name, texts in sources.items()}
+    print(f"\nMLM pretraining corpus ({corpus}):")
+    print(f"{'source':<24} {'documents':>10} {'characters':>12}")
+    for name, texts in sources.items():
+        print(f"{name:<24} {len(texts):>10,} {chars[name]:>12,}")
+    tokens = {k: meta.get(k) for k in ("train_tokens", "val_tokens") if k in meta}
+    print(f"tokens: {tokens}; tokenizer + preparation {prep_seconds:.0f} s")
+    print(f"encoder: {model.n_layer} layers x {model.n_embd}, rope, block {model.block_size}; {result.step} steps "
+          f"of {train.batch_size} windows in {seconds:.0f} s ({result.tokens:,} tokens); final val MLM loss "
+          f"{result.metrics.get('val_loss', float('nan')):.3f}")
+    print(f"encoder checkpoint: {work / 'mlm'}")
+    write_json(args.json, {"sources": {k: {"documents": len(v), "characters": chars[k]} for k, v in sources.items()},
+                           "tokens": tokens, "steps": result.step, "seconds": seconds, "trained_tokens": result.tokens,
+                           "metrics": result.metrics, "encoder": str(work / "mlm"), "layers": model.n_layer,
+                           "max_time": train.max_time})
+
+
+if __name__ == "__main__":
+    main()

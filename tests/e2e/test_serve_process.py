@@ -146,7 +146,9 @@ def test_a_full_queue_answers_429_with_retry_after(checkpoint):
         with ThreadPoolExecutor(12) as pool:
             responses = list(pool.map(lambda _: small.http.post("/v1/completions", json=body), range(12)))
         statuses = [r.status_code for r in responses]
-        assert statuses.count(200) >= 4 and set(statuses) == {200, 429}, statuses  # 2 running + 2 waiting at least
+        # The queue always holds 2; how many more get in depends on when the engine admits the first
+        # ones into the batch (2 rows) while the 12 requests arrive.
+        assert statuses.count(200) >= 2 and set(statuses) == {200, 429}, statuses
         refused = next(r for r in responses if r.status_code == 429)
         assert_error(refused, 429, "queue_full")
         assert int(refused.headers["retry-after"]) >= 1

@@ -38,6 +38,16 @@ def key_padding_mask(attention_mask: Tensor) -> Tensor:
     return attention_mask[:, None, None, :] | diagonal                       # (B, 1, T, T)
 
 
+def bidirectional_inputs(attention_mask: Tensor | None, T: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Position ids ((1, T), or (B, T) counting real tokens only) and the (B, 1, T, T) attention mask
+    (None without padding) of T tokens read bidirectionally; ``attention_mask`` is (B, T), True for real
+    tokens."""
+    if attention_mask is None:
+        return torch.arange(T, device=device).unsqueeze(0), None
+    attention_mask = attention_mask.bool()
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0), key_padding_mask(attention_mask)
+
+
 class EncoderLM(nn.Module):
     """A bidirectional masked language model: token ids (B, T) -> logits (B, T, V) of each position's token.
 
@@ -89,13 +99,7 @@ class EncoderLM(nn.Module):
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.block_size}")
-        mask = None
-        if attention_mask is None:
-            position_ids = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
-        else:
-            attention_mask = attention_mask.bool()
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-            mask = key_padding_mask(attention_mask)  # (B, 1, T, T)
+        position_ids, mask = bidirectional_inputs(attention_mask, T, idx.device)
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None
         if self.config.position == "learned":

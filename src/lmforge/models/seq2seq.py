@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.models.decoder import MLP, Attention, Block, KVCache, make_norm, math_attention, rope_tables
-from lmforge.models.encoder import key_padding_mask
+from lmforge.models.encoder import bidirectional_inputs
 
 
 # ------------------------------------------------------------------------------------------
@@ -220,13 +220,7 @@ class Seq2SeqLM(nn.Module):
         S = input_ids.shape[1]
         if S > self.config.block_size:
             raise ValueError(f"source of {S} tokens exceeds the context of {self.config.block_size}")
-        mask = None
-        if attention_mask is None:
-            position_ids = torch.arange(S, device=input_ids.device).unsqueeze(0)  # (1, S)
-        else:
-            attention_mask = attention_mask.bool()
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
-            mask = key_padding_mask(attention_mask)  # (B, 1, S, S)
+        position_ids, mask = bidirectional_inputs(attention_mask, S, input_ids.device)
         x, rope = self._embed(input_ids, position_ids, getattr(self, "enc_pos_emb", None))
         for i, block in enumerate(self.encoder_blocks):
             x = block(x, rope, mask, None, i)

@@ -21,8 +21,10 @@ than by the one-at-a-time server.
 
 The load generator runs on the same machine as the server, and competes with it for the CPU.
 
-    python bench/serve.py [--concurrency 1,4,16,32] [--requests N] [--max-tokens 64] [--checkpoint PATH]
-                          [--workdir DIR] [--json OUT] [--no-baseline]
+    python bench/serve.py [--dtype bf16|fp32] [--concurrency 1,4,16,32] [--requests N] [--max-tokens 64]
+                          [--checkpoint PATH] [--workdir DIR] [--json OUT] [--no-baseline]
+
+``--dtype bf16`` is the throughput setting on a CPU with native bf16 (docs/benchmarks.md has both).
     python bench/serve.py --quick          # smoke run: a tiny model, few requests (~15 s)
 """
 
@@ -337,8 +339,9 @@ def measure(checkpoint: Path, workdir: Path, name: str, max_batch_size: int, lev
         if warmup["errors"]:
             raise RuntimeError(f"the warm-up request failed: {warmup['error_messages'][0]}")
         for clients in levels:
-            rows.append(timed_load(server, name, bodies(args.requests or max(2 * clients, 4 if args.quick else 8)),
-                                   clients))
+            per_client, least = (2, 4) if args.quick else (4, 16)
+            count = args.requests or max(per_client * clients, least)
+            rows.append(timed_load(server, name, bodies(count), clients))
             r = rows[-1]
             print(f"{name}, {clients} clients: {r['requests']} requests in {r['wall_s']:.1f} s, "
                   f"{r['tokens_per_s']:,.0f} tokens/s, {r['errors']} errors", flush=True)
@@ -352,7 +355,7 @@ def main() -> None:
                         help="for the built checkpoint, server logs and request logs (default: a temporary folder)")
     parser.add_argument("--concurrency", default=None, help="comma-separated client counts (default 1,4,16,32)")
     parser.add_argument("--requests", type=int, default=None,
-                        help="requests per level (default max(2 x clients, 8); with --quick max(2 x clients, 4))")
+                        help="requests per level (default max(4 x clients, 16); with --quick max(2 x clients, 4))")
     parser.add_argument("--max-tokens", type=int, default=None, help="tokens per completion (default 64; --quick 16)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--dtype", default="fp32", help="the servers' --dtype")

@@ -126,10 +126,11 @@ class SlotKVCache:
         self.positions[row] = length
 
     def move(self, src: int, dst: int) -> None:
-        """Copy row ``src`` (keys, values, length) into row ``dst``."""
+        """Copy row ``src`` (its filled keys and values, and its length) into row ``dst``."""
+        filled = self.lengths[src]
         for k, v in zip(self.keys, self.values):
-            k[dst] = k[src]
-            v[dst] = v[src]
+            k[dst, :, :filled] = k[src, :, :filled]
+            v[dst, :, :filled] = v[src, :, :filled]
         self.set_length(dst, self.lengths[src])
 
     def decode_inputs(self) -> tuple[Tensor, Tensor]:

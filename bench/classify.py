@@ -57,11 +57,12 @@ def tfidf_baseline(train: list[dict], test: list[dict]) -> dict:
 
 def lmforge_classifier(encoder: str, train: list[dict], test: list[dict], work: Path, args: argparse.Namespace) -> dict:
     fit, val = split_off(train)
-    options = {"checkpoint": encoder, "task": "classification", "out": str(work / "run"),
+    options = {"checkpoint": encoder, "task": "classification", "out": str(work / "run"), "pooling": args.pooling,
                "data": {"path": str(write_jsonl(work / "train.jsonl", fit)),
                         "val_path": str(write_jsonl(work / "val.jsonl", val))},
                "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=32, warmup_steps=50,
-                                      eval_interval=100, weight_decay=0.01)}
+                                      eval_interval=100, weight_decay=0.01, best_metric=args.best_metric,
+                                      dtype=args.dtype)}
     result, seconds = run_finetune(options)
     lm = LanguageModel.load(result.best_checkpoint, device="cpu")
     report = evaluate(lm, "classification", str(write_jsonl(work / "test.jsonl", test)), progress=False)
@@ -75,6 +76,9 @@ def main() -> None:
     parser.add_argument("--datasets", default="ag_news,sst2")
     parser.add_argument("--max-time", type=float, default=300.0, help="seconds of fine-tuning per dataset")
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--pooling", default="mean", help="the classifier head's pooling: mean, first or last")
+    parser.add_argument("--best-metric", default="accuracy", help="what picks the tested checkpoint: accuracy, loss")
+    parser.add_argument("--dtype", default="fp32", help="fine-tuning precision: fp32 or bf16")
     parser.add_argument("--work", default="/tmp/lmforge-tasks/classify")
     parser.add_argument("--quick", action="store_true", help="8 fine-tuning steps, 200 test rows")
     parser.add_argument("--json", default=None)

@@ -114,7 +114,7 @@ def test_multi_label_classification_learns(family):
 
 
 @pytest.mark.parametrize("family", ["encoder", "decoder"])
-@pytest.mark.parametrize("pooling", ["first", "last"])
+@pytest.mark.parametrize("pooling", ["first", "last", "mean"])
 def test_pooling_ignores_padding(family, pooling):
     model = SequenceClassifier(backbone(family), 4, pooling=pooling).eval()
     g = torch.Generator().manual_seed(5)
@@ -130,11 +130,13 @@ def test_pooling_ignores_padding(family, pooling):
             alone = model(torch.tensor([row]))[0]
             assert_close(batched[i], alone, atol=1e-5, rtol=1e-5)
             assert_close(left[i], alone, atol=1e-5, rtol=1e-5)
-    # What is pooled: the first token's state, or the last real one's.
+    # What is pooled: the first token's state, the last real one's, or the mean of the real ones.
     with torch.no_grad():
         states = model.backbone.hidden_states(ids, attention_mask=mask)
-        position = 0 if pooling == "first" else len(rows[1]) - 1
-        assert_close(batched[1], model.head(states[1, position]), atol=1e-5, rtol=1e-5)
+        length = len(rows[1])
+        pooled = {"first": states[1, 0], "last": states[1, length - 1],
+                  "mean": states[1, :length].mean(dim=0)}[pooling]
+        assert_close(batched[1], model.head(pooled), atol=1e-5, rtol=1e-5)
 
 
 def span_batch(g: torch.Generator, size: int = 32) -> dict[str, torch.Tensor]:

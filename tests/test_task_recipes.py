@@ -99,6 +99,28 @@ def test_encoder_classifier_learns_and_records_its_labels(encoder_classifier):
                     "pooling": "first", "thresholds": None}
 
 
+def test_mean_pooling_and_the_best_checkpoint_by_accuracy(tmp_path, classification_files):
+    folder, tokenizer = classification_files
+    config = FinetuneConfig(tokenizer=str(tokenizer), model=tiny("encoder"), out=str(tmp_path / "run"),
+                            pooling="mean",
+                            data=FinetuneDataConfig(path=str(folder / "train.csv"), val_fraction=0.2),
+                            train=train_options(max_steps=60, eval_interval=20, best_metric="accuracy"))
+    result = finetune(config)
+    assert read_config(result.best_checkpoint)["task"]["pooling"] == "mean"
+    accuracies = {r["step"]: r["val_accuracy"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")
+                  if "val_accuracy" in r}
+    assert result.best_val_loss == -max(accuracies.values())  # the best is the most accurate evaluation
+    lm = LanguageModel.load(result.best_checkpoint, device="cpu")
+    report = evaluate(lm, "classification", str(folder / "train.csv"), progress=False)
+    assert report["metrics"]["accuracy"] > 0.8
+
+    config.train.best_metric, config.out = "bleu", str(tmp_path / "wrong")
+    with pytest.raises(ConfigError, match="'bleu' is not among this task's validation metrics: loss, accuracy"):
+        finetune(config)
+    with pytest.raises(ConfigError, match="pooling must be one of"):
+        FinetuneConfig(tokenizer=str(tokenizer), pooling="max").validate()
+
+
 def test_classifier_api_and_harness(encoder_classifier, classification_files, tmp_path):
     out, _ = encoder_classifier
     lm = LanguageModel.load(out, device="cpu")

@@ -155,6 +155,9 @@ class TrainConfig:
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = option("auto", "auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16")
     compile: bool = option(False, "compile the model with torch.compile")
+    best_metric: str = option("loss", "the validation number that picks checkpoints/best: loss (lower is "
+                                      "better) or a metric the task reports, e.g. accuracy, macro_f1, f1, "
+                                      "exact_match, bleu (higher is better)")
     num_threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
     progress: bool = option(True, "show a progress bar")
 
@@ -162,6 +165,9 @@ class TrainConfig:
         _check_choice("train.optimizer", self.optimizer, ("adamw", "sgd", "adagrad"))
         _check_choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
         _check_choice("train.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        if not self.best_metric or not self.best_metric.replace("_", "").isalnum():
+            raise ConfigError(f"train.best_metric must be loss or a metric name such as accuracy, "
+                              f"not {self.best_metric!r}")
         _check_positive("train.lr", self.lr)
         _check_positive("train.min_lr", self.min_lr, allow_none=True, allow_zero=True)
         _check_positive("train.batch_size", self.batch_size)
@@ -321,6 +327,8 @@ class FinetuneConfig:
     task: str = option("auto", "what to learn: auto (from the data), sft (generation), classification, qa "
                                "(extractive) or seq2seq (translation, summarization)")
     purpose: str = option("auto", "seq2seq: translation, summarization or generic (auto: from the data fields)")
+    pooling: str = option("auto", "classification: the text's state the head reads: first (token), last, mean "
+                                  "(over the real tokens), or auto (first for encoders, last for causal models)")
     tokenizer: str | None = option(None, "from scratch: tokenizer directory or tokenizer.json")
     model: ModelConfig = field(default_factory=ModelConfig)
     out: str = option("runs/finetune", "run directory for checkpoints, metrics and plots")
@@ -333,6 +341,7 @@ class FinetuneConfig:
     def validate(self) -> None:
         _check_choice("task", self.task, ("auto", "sft", "classification", "qa", "seq2seq"))
         _check_choice("purpose", self.purpose, ("auto", "translation", "summarization", "generic"))
+        _check_choice("pooling", self.pooling, ("auto", "first", "last", "mean"))
         if not self.checkpoint and not self.tokenizer:
             raise ConfigError("no base checkpoint: give CHECKPOINT (or, to train a task model from scratch, "
                               "--tokenizer DIR and --model.preset NAME)")

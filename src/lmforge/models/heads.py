@@ -24,18 +24,25 @@ from torch import Tensor, nn
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
 
-POOLINGS = ("first", "last")
+POOLINGS = ("first", "last", "mean")
 MASKED_LOGIT = -1e4  # start/end logit of padding: no chance under softmax, finite in fp16 and bf16
 
 
 def pool(states: Tensor, attention_mask: Tensor | None, pooling: str) -> Tensor:
     """One state per row, (B, T, C) -> (B, C): the first real token (``"first"``: an encoder's bos,
-    BERT's CLS) or the last real token (``"last"``: what a causal model has read the whole text at).
+    BERT's CLS), the last real token (``"last"``: what a causal model has read the whole text at), or
+    the mean over the real tokens (``"mean"``: sentence-embedding style, often better for encoders whose
+    first token was never trained to summarise the text, e.g. after MLM pretraining alone).
 
     ``attention_mask`` (B, T) bool marks the real tokens; rows may be right- or left-padded.
     """
     B, T, _ = states.shape
     rows = torch.arange(B, device=states.device)
+    if pooling == "mean":
+        if attention_mask is None:
+            return states.mean(dim=1)
+        weights = attention_mask.to(states.dtype)[..., None]  # (B, T, 1)
+        return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
     if attention_mask is None:
         return states[:, 0] if pooling == "first" else states[:, -1]
     real = attention_mask.bool().long()  # (B, T)

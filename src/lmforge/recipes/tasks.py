@@ -115,7 +115,9 @@ def classification_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: T
     train_rows = encode_labelled(train_set, tokenizer, block)
     val_rows = encode_labelled(val_set, tokenizer, block) if val_set else None
     train_rows, val_rows = _held_out(config, train_rows, val_rows)
-    pooling = "first" if backbone.config.family == "encoder" else "last"
+    pooling = config.pooling
+    if pooling == "auto":
+        pooling = "first" if backbone.config.family == "encoder" else "last"
     model = SequenceClassifier(backbone, len(labels), pooling=pooling)
     pad = pad_id_of(tokenizer)
     collate = partial(collate_classification, pad_id=pad)

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lmforge.config import TrainConfig, to_dict
 from lmforge.device import autocast, dtype_name, select_device, select_dtype
+from lmforge.errors import ConfigError
 from lmforge.progress import progress_bar
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.checkpoint import (
@@ -84,7 +85,7 @@ class TrainResult:
     tokens: int
     elapsed: float
     metrics: dict[str, float]
-    best_val_loss: float
+    best_val_loss: float  # the best validation loss, or minus the best train.best_metric
     run_dir: Path
     final_checkpoint: Path
     best_checkpoint: Path | None
@@ -259,10 +260,21 @@ class _Trainer:
         if self.tracker:
             self.tracker.log(self.step, metrics)
             _write(self.bar, f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if metrics.get("val_loss", math.inf) < self.best_val:
-            self.best_val = metrics["val_loss"]
+        score = self._selection_score(metrics)
+        if score < self.best_val:
+            self.best_val = score
             self._save(self.checkpoints / "best", with_state=False)
         barrier(self.context)
+
+    def _selection_score(self, metrics: dict[str, float]) -> float:
+        """What checkpoints/best minimises: the validation loss, or minus ``train.best_metric``."""
+        name = self.config.best_metric
+        if name == "loss":
+            return metrics.get("val_loss", math.inf)
+        if f"val_{name}" not in metrics:
+            reported = ", ".join(k.removeprefix("val_") for k in metrics if k.startswith("val_"))
+            raise ConfigError(f"train.best_metric {name!r} is not among this task's validation metrics: {reported}")
+        return -metrics[f"val_{name}"]
 
     def _train_state(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "best_val_loss": self.best_val,
@@ -307,7 +319,7 @@ class _Trainer:
             self.tracker.log(self.step, {f"final_{k}": v for k, v in final_metrics.items()})
         self._save(self.checkpoints / "final", with_state=True)
         if not self.config.eval_interval or not (self.checkpoints / "best").exists():
-            self.best_val = min(self.best_val, final_metrics.get("val_loss", math.inf))
+            self.best_val = min(self.best_val, self._selection_score(final_metrics))
             self._save(self.checkpoints / "best", with_state=False)
         if self.main:
             prune_checkpoints(self.run_dir, self.config.keep_checkpoints)

@@ -61,8 +61,9 @@ def lmforge_classifier(encoder: str, train: list[dict], test: list[dict], work: 
                "data": {"path": str(write_jsonl(work / "train.jsonl", fit)),
                         "val_path": str(write_jsonl(work / "val.jsonl", val))},
                "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=32, warmup_steps=50,
-                                      eval_interval=100, weight_decay=0.01, best_metric=args.best_metric,
-                                      dtype=args.dtype)}
+                                      eval_interval=args.eval_interval, weight_decay=0.01,
+                                      best_metric=args.best_metric, dtype=args.dtype, eval_windows=None,
+                                      **({"max_steps": args.max_steps} if args.max_steps else {}))}
     result, seconds = run_finetune(options)
     lm = LanguageModel.load(result.best_checkpoint, device="cpu")
     report = evaluate(lm, "classification", str(write_jsonl(work / "test.jsonl", test)), progress=False)
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--datasets", default="ag_news,sst2")
     parser.add_argument("--max-time", type=float, default=300.0, help="seconds of fine-tuning per dataset")
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--max-steps", type=int, default=None, help="also stop after this many steps")
+    parser.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations")
     parser.add_argument("--pooling", default="mean", help="the classifier head's pooling: mean, first or last")
     parser.add_argument("--best-metric", default="accuracy", help="what picks the tested checkpoint: accuracy, loss")
     parser.add_argument("--dtype", default="fp32", help="fine-tuning precision: fp32 or bf16")

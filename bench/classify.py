@@ -5,9 +5,10 @@ Data (../shared/data): AG News (``train.csv`` 3,600 -> ``test.csv`` 2,000, 4 top
 - Baseline: scikit-learn ``TfidfVectorizer`` (word 1-2 grams, sublinear tf) + ``LogisticRegression``
   (C=10), fitted on every training row.
 - lmforge: the encoder from bench/task_pretrain.py fine-tuned with ``FinetuneConfig(checkpoint=...,
-  task="classification")`` (first-token pooling) for ``--max-time`` seconds; every 10th training row is
-  its ``data.val_path`` (picks the best checkpoint by validation loss), the rest trains. Test accuracy
-  and macro-F1 through ``lmforge.evaluation.evaluate(lm, "classification", ...)``.
+  task="classification")`` for ``--max-time`` seconds (``--pooling``, default mean; ``--dtype``, default
+  fp32); every 10th training row is its ``data.val_path`` and the checkpoint with the best validation
+  ``--best-metric`` (default accuracy) is tested. Test accuracy and macro-F1 through
+  ``lmforge.evaluation.evaluate(lm, "classification", ...)``.
 
     python bench/classify.py --encoder /tmp/lmforge-tasks/pretrain/mlm [--datasets ag_news,sst2]
                              [--max-time 300] [--work DIR] [--quick] [--json FILE]

@@ -313,7 +313,20 @@ def test_interleaved_rows_give_the_same_attention_scores(n_head, n_kv_head, n_em
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama_cpp():
-    return pytest.importorskip("llama_cpp")
+    module = pytest.importorskip("llama_cpp")
+    # llama.cpp repacks weights for the CPU's fastest kernels ("extra buffer types"); on CPUs with AMX its
+    # q8_0 kernel crashes (segmentation fault) on these tiny models. The plain kernels read the file as is.
+    bindings = module.llama_cpp  # the ctypes bindings, which Llama() asks for its default parameters
+    defaults = bindings.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bindings, "llama_model_default_params", without_repacking)
+        yield module
 
 
 def load_llama(llama_cpp, path: Path, n_ctx: int, **kwargs):

@@ -8,11 +8,12 @@ checkpoint by target loss) and ``val.{en,de}`` (1,014 pairs, the test set here).
   copied), applied word by word in English order.
 - lmforge: a byte-level BPE tokenizer (8,192, both languages) and a ``seq2seq-small`` model (3 + 3
   layers, width 256, dropout 0.1, 128-token context) trained with ``FinetuneConfig(task="seq2seq",
-  data.path=train.en, data.target_path=train.de)`` for ``--max-time`` seconds; beam ``--beam`` decoding
+  data.path=train.en, data.target_path=train.de)`` for ``--max-time`` seconds in ``--dtype`` (default bf16
+  autocast); beam ``--beam`` decoding
   with ``lm.translate``.
 Corpus BLEU (sacreBLEU 13a through ``lmforge.evaluation.metrics.bleu``) and chrF on the validation set.
 
-    python bench/translate.py [--max-time 3600] [--beam 4] [--work DIR] [--quick] [--json FILE]
+    python bench/translate.py [--max-time 3600] [--beam 4] [--dtype bf16] [--work DIR] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--max-time", type=float, default=3600.0, help="seconds of training")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--dtype", default="bf16", help="training precision: bf16 (autocast) or fp32")
     parser.add_argument("--work", default="/tmp/lmforge-tasks/translate")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 8 steps, 50 validation sentences")
     parser.add_argument("--json", default=None)
@@ -91,7 +93,7 @@ def main() -> None:
                "model": {"preset": "seq2seq-small", "block_size": 128},
                "data": {"path": str(MT / "train.en"), "target_path": str(MT / "train.de"), "val_fraction": 0.02},
                "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=32, warmup_steps=200,
-                                      eval_interval=500, eval_windows=None, weight_decay=0.01)}
+                                      eval_interval=500, eval_windows=None, weight_decay=0.01, dtype=args.dtype)}
     if args.quick:
         options["model"].update(n_layer=1, n_decoder_layer=1, n_embd=64)
     result, seconds = run_finetune(options)

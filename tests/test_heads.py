@@ -180,8 +180,8 @@ def test_head_conventions_and_checkpoints(tmp_path):
     assert all(k.startswith(("backbone.", "head.")) for k in keys)
     span_keys = SpanExtractor(encoder).state_dict().keys()
     assert {"head.weight", "head.bias"} <= span_keys and all(k.startswith(("backbone.", "head.")) for k in span_keys)
-    with pytest.raises(ConfigError, match="pooling must be one of first, last"):
-        SequenceClassifier(encoder, 3, pooling="mean")
+    with pytest.raises(ConfigError, match="pooling must be one of first, last, mean, not 'max'"):
+        SequenceClassifier(encoder, 3, pooling="max")
 
     # A task checkpoint rebuilds the head around the backbone (see training.checkpoint.with_task_head).
     tokenizer = Tokenizer.train(["abcdefghijklm"], "char")

@@ -106,8 +106,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         values["data"] = {"path": values["data"]}
     if isinstance(values.get("model"), str):
         values["model"] = {"preset": values["model"]}
-    overrides = namespace_to_dict(args, keep=("checkpoint", "task", "purpose", "tokenizer", "model", "out", "data",
-                                              "train", "lora", "eval", "resume"))
+    overrides = namespace_to_dict(args, keep=("checkpoint", "task", "purpose", "pooling", "tokenizer", "model", "out",
+                                              "data", "train", "lora", "eval", "resume"))
     config = build_dataclass(FinetuneConfig, deep_merge(values, overrides))
     result = finetune(config)
     metrics = result.metrics
@@ -119,7 +119,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                            if name.startswith("val_"))
     print(f"trained {result.step:,} steps ({result.tokens:,} tokens) in {result.elapsed:.1f} s; held-out {scores}")
     print(f"run directory: {result.run_dir}  (config.yaml, metrics.jsonl, tensorboard/, loss.png)")
-    print(f"checkpoints:   {result.final_checkpoint} (last), {result.best_checkpoint} (best held-out loss)")
+    best = "loss" if config.train.best_metric == "loss" else config.train.best_metric
+    print(f"checkpoints:   {result.final_checkpoint} (last), {result.best_checkpoint} (best held-out {best})")
     if config.lora.enabled:
         print(f"LoRA adapters only; fold them into full weights with: lmforge merge-lora {result.best_checkpoint} OUT")
     next_step = {"sft": f"lmforge chat {result.run_dir}",

@@ -156,8 +156,8 @@ class TrainConfig:
     dtype: str = option("auto", "auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16")
     compile: bool = option(False, "compile the model with torch.compile")
     best_metric: str = option("loss", "the validation number that picks checkpoints/best: loss (lower is "
-                                      "better) or a metric the task reports, e.g. accuracy, macro_f1, f1, "
-                                      "exact_match, bleu (higher is better)")
+                                      "better; ppl too) or a metric the task reports, e.g. accuracy, macro_f1 "
+                                      "(classification), f1, exact_match (QA) (higher is better)")
     num_threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
     progress: bool = option(True, "show a progress bar")
 

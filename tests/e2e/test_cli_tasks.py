@@ -28,7 +28,8 @@ def classifier(tmp_path_factory):
     run = lmforge("finetune", "--tokenizer", folder / "tok", "--data", data, "--out", folder / "run",
                   "--model.family", "encoder", "--model.n_layer", 2, "--model.n_embd", 32, "--model.n_head", 2,
                   "--model.block_size", 32, "--train.max_steps", 120, "--train.lr", 3e-3, "--train.device", "cpu",
-                  "--train.progress", "false", "--train.eval_interval", 60, threads=1)
+                  "--train.progress", "false", "--train.eval_interval", 60, "--pooling", "mean",
+                  "--train.best_metric", "accuracy", threads=1)
     assert run.returncode == 0, run.stderr
     return folder, run
 
@@ -37,6 +38,9 @@ def test_finetune_reports_the_task_metrics_and_next_step(classifier):
     folder, run = classifier
     assert "held-out loss" in run.stdout and "accuracy" in run.stdout and "macro_f1" in run.stdout
     assert f"lmforge eval {folder / 'run'} --task classification" in run.stdout
+    assert "(best held-out accuracy)" in run.stdout
+    config = json.loads((folder / "run" / "checkpoints" / "best" / "config.json").read_text(encoding="utf-8"))
+    assert config["task"]["pooling"] == "mean"
 
 
 def test_classify_and_eval_commands(classifier):
@@ -65,3 +69,12 @@ def test_task_input_errors_are_one_line(classifier, tmp_path):
                                "--out", tmp_path / "y", "--model.family", "seq2seq"), "source and target")
     assert_clean_error(lmforge("finetune", "--tokenizer", folder / "tok", "--data", folder / "train.tsv",
                                "--task", "translate", "--out", tmp_path / "z"), "task must be one of")
+    assert_clean_error(lmforge("finetune", "--tokenizer", folder / "tok", "--data", folder / "train.tsv",
+                               "--pooling", "max", "--out", tmp_path / "p"), "pooling must be one of")
+    assert_clean_error(lmforge("finetune", "--tokenizer", folder / "tok", "--data", folder / "train.tsv",
+                               "--model.family", "encoder", "--model.n_layer", 1, "--model.n_embd", 16,
+                               "--model.n_head", 2, "--model.block_size", 32, "--train.max_steps", 2,
+                               "--train.eval_interval", 1, "--train.device", "cpu", "--train.progress", "false",
+                               "--train.best_metric", "bleu", "--out", tmp_path / "b"),
+                       "'bleu' is not among this task's validation metrics")
+

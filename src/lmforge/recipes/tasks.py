@@ -148,6 +148,7 @@ class ClassificationEvaluator:
                  examples: int | None, final_examples: int | None):
         self.collate, self.batch_size, self.multi_label = collate, batch_size, multi_label
         self.during, self.final = _spread(rows, examples), _spread(rows, final_examples)
+        self.metrics = ("loss", "micro_f1", "macro_f1") if multi_label else ("loss", "accuracy", "macro_f1")
 
     def predict(self, model: nn.Module, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities (N, L), targets: (N,) indices or (N, L) 0/1)."""
@@ -233,6 +234,7 @@ class Seq2SeqEvaluator:
         self.during = _spread(list(range(len(rows))), examples)
         self.final = _spread(list(range(len(rows))), final_examples)
         self.generate, self.max_new_tokens = generate, max_new_tokens
+        self.metrics = ("loss", "ppl")  # what train.best_metric may name (gen_bleu/gen_rougeL are reports only)
 
     def __call__(self, model: nn.Module, final: bool) -> dict[str, float]:
         device = next(model.parameters()).device
@@ -300,6 +302,7 @@ class QAEvaluator:
                  final_count: int | None):
         self.tokenizer, self.block, self.stride = tokenizer, block, stride
         self.during, self.final = _spread(examples, count), _spread(examples, final_count)
+        self.metrics = ("loss", "exact_match", "f1")
 
     def __call__(self, model: nn.Module, final: bool) -> dict[str, float]:
         examples = self.final if final else self.during
@@ -325,6 +328,10 @@ def finetune_task(config: FinetuneConfig, task: str) -> TrainResult:
     context: DistContext = runtime.context
     backbone, tokenizer, source = load_backbone(config)
     run = RUNS[task](config, backbone, tokenizer)
+    best = config.train.best_metric
+    if best not in run.evaluator.metrics:
+        raise ConfigError(f"train.best_metric {best!r} is not among this task's validation metrics: "
+                          f"{', '.join(run.evaluator.metrics)}")
     train_config = config.train
     batches = ShuffledBatches(run.train_rows, train_config.batch_size, train_config.grad_accum, train_config.seed,
                               run.collate, context.rank, context.world_size)

@@ -269,7 +269,7 @@ class _Trainer:
     def _selection_score(self, metrics: dict[str, float]) -> float:
         """What checkpoints/best minimises: the validation loss, or minus ``train.best_metric``."""
         name = self.config.best_metric
-        if name == "loss":
+        if name in ("loss", "ppl"):  # perplexity rises and falls with the loss
             return metrics.get("val_loss", math.inf)
         if f"val_{name}" not in metrics:
             reported = ", ".join(k.removeprefix("val_") for k in metrics if k.startswith("val_"))

@@ -201,3 +201,40 @@ def test_bf16_training_step_on_cpu_uses_math_attention_and_matches_fp32():
     with torch.no_grad():
         reference = model(ids)
     assert (low - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+def test_single_query_attention_equals_fp32_attention_on_bf16_inputs(heads):
+    from lmforge.models.decoder import single_query_attention
+
+    n_head, n_kv = heads
+    q = torch.randn(3, n_head, 1, 8).bfloat16()
+    k, v = torch.randn(3, n_kv, 12, 8).bfloat16(), torch.randn(3, n_kv, 12, 8).bfloat16()
+    mask = (torch.arange(12)[None, :] < torch.tensor([12, 5, 9])[:, None])[:, None, None, :]  # (3, 1, 1, 12)
+    gqa = n_head != n_kv
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in an evaluation under autocast
+        got = single_query_attention(q, k, v, mask, gqa)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                                enable_gqa=gqa)
+    assert got.dtype == torch.bfloat16
+    assert_close(got.float(), expected, atol=1e-2, rtol=1e-2)
+    assert not torch.equal(got[1], single_query_attention(q, k, v, None, gqa)[1])  # the mask is honoured
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_bf16_decoding_through_fp32_attention_equals_the_full_forward(position, monkeypatch):
+    from lmforge.models import decoder
+
+    calls = []
+    original = decoder.single_query_attention
+    monkeypatch.setattr(decoder, "UPCAST_KEYS", 0)  # every decoding step takes the upcast path
+    monkeypatch.setattr(decoder, "single_query_attention", lambda *a: calls.append(1) or original(*a))
+    model = tiny(position).to(torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        full = model(ids).float()
+        cache = KVCache.empty(model.config, 2, 24, torch.device("cpu"), torch.bfloat16)
+        steps = [model(ids[:, :8], cache=cache)[:, -1]]
+        steps += [model(ids[:, t:t + 1], cache=cache)[:, -1] for t in range(8, 12)]
+    assert len(calls) == 4 * model.config.n_layer
+    assert_close(torch.stack(steps[1:], 1).float(), full[:, 8:12], atol=0.05 * full.abs().max().item(), rtol=0)

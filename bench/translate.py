@@ -9,11 +9,14 @@ checkpoint by target loss) and ``val.{en,de}`` (1,014 pairs, the test set here).
 - lmforge: a byte-level BPE tokenizer (8,192, both languages) and a ``seq2seq-small`` model (3 + 3
   layers, width 256, dropout 0.1, 128-token context) trained with ``FinetuneConfig(task="seq2seq",
   data.path=train.en, data.target_path=train.de)`` for ``--max-time`` seconds in ``--dtype`` (default bf16
-  autocast); beam ``--beam`` decoding
-  with ``lm.translate``.
+  autocast) with label smoothing ``--label-smoothing``; a checkpoint every ``--save-interval`` steps,
+  and the mean of the last ``--average`` checkpoints (``lmforge.training.averaging``) is the result;
+  the checkpoint with the lowest held-out loss is reported beside it. Beam ``--beam`` decoding with
+  ``lm.translate``.
 Corpus BLEU (sacreBLEU 13a through ``lmforge.evaluation.metrics.bleu``) and chrF on the validation set.
 
-    python bench/translate.py [--max-time 3600] [--beam 4] [--dtype bf16] [--work DIR] [--quick] [--json FILE]
+    python bench/translate.py [--max-time 3600] [--beam 4] [--dtype bf16] [--label-smoothing 0.1]
+                              [--average 5] [--save-interval 500] [--work DIR] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from lmforge.api import LanguageModel
 from lmforge.evaluation.metrics import bleu, chrf
+from lmforge.training.averaging import average_checkpoints, last_checkpoints
 from tasklib import (
     DATA,
     bpe_tokenizer,
@@ -65,12 +69,21 @@ def word_by_word(lexicon: dict[str, str], text: str) -> str:
     return " ".join(lexicon.get(w.lower(), w) for w in WORD.findall(text))
 
 
+def _step(checkpoint: Path) -> int:
+    import json
+
+    return json.loads((checkpoint / "config.json").read_text(encoding="utf-8")).get("step", 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-time", type=float, default=3600.0, help="seconds of training")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--dtype", default="bf16", help="training precision: bf16 (autocast) or fp32")
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--average", type=int, default=5, help="average the last N checkpoints (1: none)")
+    parser.add_argument("--save-interval", type=int, default=500, help="steps between checkpoints")
     parser.add_argument("--work", default="/tmp/lmforge-tasks/translate")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 8 steps, 50 validation sentences")
     parser.add_argument("--json", default=None)
@@ -93,16 +106,26 @@ def main() -> None:
                "model": {"preset": "seq2seq-small", "block_size": 128},
                "data": {"path": str(MT / "train.en"), "target_path": str(MT / "train.de"), "val_fraction": 0.02},
                "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=32, warmup_steps=200,
-                                      eval_interval=500, eval_windows=None, weight_decay=0.01, dtype=args.dtype)}
+                                      eval_interval=500, eval_windows=None, weight_decay=0.01, dtype=args.dtype,
+                                      label_smoothing=args.label_smoothing, save_interval=args.save_interval,
+                                      keep_checkpoints=max(args.average - 1, 1))}
     if args.quick:
         options["model"].update(n_layer=1, n_decoder_layer=1, n_embd=64)
+        options["train"].update(save_interval=2)  # checkpoints at steps 2, 4, 6 and final (8)
+        args.average = min(args.average, 4)
     result, seconds = run_finetune(options)
-    lm = LanguageModel.load(result.best_checkpoint, device="cpu")
-    start = time.perf_counter()
-    outputs = decode_all(lm.translate, val_en, beam_size=args.beam, max_new_tokens=64)
-    rows.append({"model": f"lmforge seq2seq (beam {args.beam})", "BLEU": bleu(outputs, val_de),
-                 "chrF": chrf(outputs, val_de), "train_s": seconds, "decode_s": time.perf_counter() - start,
-                 "steps": result.step})
+    checkpoints = {f"best held-out loss (step {result.best_checkpoint and _step(result.best_checkpoint)})":
+                   result.best_checkpoint}
+    if args.average > 1:
+        averaged = average_checkpoints(last_checkpoints(result.run_dir, args.average), work / "averaged")
+        checkpoints[f"mean of the last {args.average} checkpoints"] = averaged
+    for name, checkpoint in checkpoints.items():
+        lm = LanguageModel.load(checkpoint, device="cpu")
+        start = time.perf_counter()
+        outputs = decode_all(lm.translate, val_en, beam_size=args.beam, max_new_tokens=64)
+        rows.append({"model": f"lmforge seq2seq, {name}, beam {args.beam}", "BLEU": bleu(outputs, val_de),
+                     "chrF": chrf(outputs, val_de), "train_s": seconds, "decode_s": time.perf_counter() - start,
+                     "steps": result.step})
     print_table(f"Multi30k en->de: {len(train_en)} training pairs, {len(val_en)} validation sentences "
                 f"(target: >= 35 BLEU)", rows, ["BLEU", "chrF", "train_s", "decode_s", "steps"])
     for src, out, ref in list(zip(val_en, outputs, val_de))[:3]:

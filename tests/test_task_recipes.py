@@ -239,7 +239,16 @@ def test_objective_must_fit_the_family(char_data, tmp_path):
     with pytest.raises(ConfigError, match="mlm objective does not fit the decoder"):
         config.validate()
     config = PretrainConfig(data=str(char_data), out=str(tmp_path), model=tiny("seq2seq"))
-    with pytest.raises(ConfigError, match="finetune --task seq2seq"):
+    assert config.resolved_objective == "denoise"
+    config.validate()
+    config = PretrainConfig(data=str(char_data), out=str(tmp_path), model=tiny("seq2seq"), objective="clm")
+    with pytest.raises(ConfigError, match="clm objective does not fit the seq2seq family"):
+        config.validate()
+    config = PretrainConfig(data=str(char_data), out=str(tmp_path), model=tiny("decoder"), objective="denoise")
+    with pytest.raises(ConfigError, match="denoise objective does not fit the decoder family"):
+        config.validate()
+    config = PretrainConfig(data=str(char_data), out=str(tmp_path), model=tiny("seq2seq"), denoise_mean_span=0.5)
+    with pytest.raises(ConfigError, match="denoise_mean_span must be at least 1"):
         config.validate()
 
 

@@ -144,6 +144,21 @@ def cmd_merge_lora(args: argparse.Namespace) -> None:
     print(f"wrote a full checkpoint with the adapters merged to {out}")
 
 
+def cmd_average(args: argparse.Namespace) -> None:
+    from lmforge.training.averaging import average_checkpoints, last_checkpoints
+
+    if args.last is not None:
+        if len(args.checkpoints) != 1:
+            raise ConfigError("--last N takes one run directory, not a list of checkpoints")
+        if args.last < 1:
+            raise ConfigError(f"--last must be at least 1, not {args.last}")
+        sources = last_checkpoints(args.checkpoints[0], args.last)
+    else:
+        sources = [Path(p) for p in args.checkpoints]
+    out = average_checkpoints(sources, args.out)
+    print(f"wrote the mean of {len(sources)} checkpoints ({', '.join(p.name for p in sources)}) to {out}")
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.api import LanguageModel, sampling_config
     from lmforge.chat import chat_loop
@@ -470,6 +485,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="LoRA checkpoint or run directory")
     p.add_argument("out", metavar="OUT_CHECKPOINT", help="checkpoint folder to write")
     p.set_defaults(func=cmd_merge_lora)
+
+    p = command("average", "average the weights of several checkpoints of one model (e.g. a run's last ones)",
+                "Write a checkpoint whose weights are the element-wise mean of the given checkpoints' (same "
+                "architecture, task and tokenizer), or of a run directory's last N checkpoints with --last N.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint folders, or one run directory "
+                                                                           "with --last")
+    p.add_argument("--last", type=int, default=None, metavar="N",
+                   help="average the N newest checkpoints (step-N and final) of the one run directory given")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write")
+    p.set_defaults(func=cmd_average)
 
     p = command("chat", "chat with a checkpoint in the terminal (streaming; /reset, /exit)")
     p.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face folder")

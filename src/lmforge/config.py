@@ -141,6 +141,8 @@ class TrainConfig:
     beta2: float = option(0.95, "AdamW beta2")
     momentum: float = option(0.9, "SGD momentum")
     grad_clip: float = option(1.0, "clip the gradient norm to this value (0 disables)")
+    label_smoothing: float = option(0.0, "share of each target's probability spread over all tokens or classes "
+                                         "in the training loss (0: none; validation losses stay unsmoothed)")
     batch_size: int = option(12, "sequences per micro-batch on each process")
     grad_accum: int = option(1, "micro-batches accumulated per optimiser step")
     max_steps: int | None = option(2000, "stop after this many optimiser steps")
@@ -169,6 +171,8 @@ class TrainConfig:
             raise ConfigError(f"train.best_metric must be loss or a metric name such as accuracy, "
                               f"not {self.best_metric!r}")
         _check_positive("train.lr", self.lr)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), not {self.label_smoothing}")
         _check_positive("train.min_lr", self.min_lr, allow_none=True, allow_zero=True)
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.grad_accum", self.grad_accum)
@@ -234,9 +238,12 @@ class PretrainConfig:
     out: str = option("runs/pretrain", "run directory for checkpoints, metrics and plots")
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    objective: str = option("auto", "clm (next token: decoder, lstm), mlm (masked tokens: encoder) or auto "
-                                    "(the model family's)")
+    objective: str = option("auto", "clm (next token: decoder, lstm), mlm (masked tokens: encoder), denoise "
+                                    "(reconstruct text with masked spans: seq2seq) or auto (the model family's)")
     mlm_probability: float = option(0.15, "mlm: share of tokens chosen for prediction")
+    denoise_probability: float = option(0.3, "denoise: share of tokens inside the masked spans")
+    denoise_mean_span: float = option(3.0, "denoise: mean length of a masked span (Poisson), each replaced by "
+                                           "one mask token")
     resume: bool = option(False, "continue from the last checkpoint in the run directory")
     nproc: int = option(1, "processes to launch with torchrun (DDP); 1 runs in this process")
 
@@ -245,7 +252,7 @@ class PretrainConfig:
         """The objective, with ``auto`` resolved from the model family."""
         if self.objective != "auto":
             return self.objective
-        return "mlm" if self.model.family == "encoder" else "clm"
+        return {"encoder": "mlm", "seq2seq": "denoise"}.get(self.model.family, "clm")
 
     def validate(self) -> None:
         if not self.data:
@@ -253,16 +260,18 @@ class PretrainConfig:
         _check_positive("nproc", self.nproc)
         self.model.validate()
         self.train.validate()
-        _check_choice("objective", self.objective, ("auto", "clm", "mlm"))
+        _check_choice("objective", self.objective, ("auto", "clm", "mlm", "denoise"))
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(f"mlm_probability must be in (0, 1), not {self.mlm_probability}")
+        if not 0.0 < self.denoise_probability < 1.0:
+            raise ConfigError(f"denoise_probability must be in (0, 1), not {self.denoise_probability}")
+        if not self.denoise_mean_span >= 1.0:
+            raise ConfigError(f"denoise_mean_span must be at least 1, not {self.denoise_mean_span}")
         family, objective = self.model.family, self.resolved_objective
-        if family == "seq2seq":
-            raise ConfigError("seq2seq models learn from source/target pairs: train them with 'lmforge finetune "
-                              "--task seq2seq'")
-        if (objective == "mlm") != (family == "encoder"):
+        fits = {"mlm": ("encoder",), "denoise": ("seq2seq",), "clm": ("decoder", "lstm")}
+        if family not in fits[objective]:
             raise ConfigError(f"the {objective} objective does not fit the {family} family: mlm is for encoders, "
-                              f"clm for decoders and LSTMs")
+                              f"denoise for seq2seq models, clm for decoders and LSTMs")
 
 
 @dataclass

@@ -78,3 +78,23 @@ def test_task_input_errors_are_one_line(classifier, tmp_path):
                                "--train.best_metric", "bleu", "--out", tmp_path / "b"),
                        "'bleu' is not among this task's validation metrics")
 
+
+
+def test_average_the_last_checkpoints_of_a_run(classifier, tmp_path):
+    folder, _ = classifier  # 120 steps, a checkpoint every 100: step-100 and final
+    result = lmforge("average", folder / "run", "--last", 2, "--out", tmp_path / "mean", threads=1)
+    assert result.returncode == 0, result.stderr
+    assert "mean of 2 checkpoints (step-100, final)" in result.stdout
+    classified = lmforge("classify", tmp_path / "mean", "we saw the soup today", "--json", threads=1)
+    assert classified.returncode == 0, classified.stderr
+    assert json.loads(classified.stdout)["label"] == "food"
+    assert_clean_error(lmforge("average", folder / "run", "--last", 5, "--out", tmp_path / "x"),
+                       "fewer than the 5 asked for")
+    assert_clean_error(lmforge("average", folder / "run", tmp_path / "mean", "--last", 2, "--out", tmp_path / "x"),
+                       "--last N takes one run directory")
+    assert_clean_error(lmforge("average", folder / "run" / "checkpoints" / "final", folder / "tok",
+                               "--out", tmp_path / "x"), "not an lmforge checkpoint")
+    assert not (tmp_path / "x").exists()
+    assert_clean_error(lmforge("finetune", "--tokenizer", folder / "tok", "--data", folder / "train.tsv",
+                               "--train.label_smoothing", 1.5, "--out", tmp_path / "s"),
+                       "train.label_smoothing must be in [0, 1)")

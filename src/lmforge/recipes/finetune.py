@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -176,5 +177,6 @@ def finetune(config: FinetuneConfig) -> TrainResult:
                  "parameters %s of %s (%.2f%%)%s", base, fmt, len(train_set.rows), f"{train_set.tokens:,}",
                  len(val_set.rows), f"{trainable:,}", f"{total:,}", 100 * trainable / total,
                  f"; {batches.epochs(steps):.1f} epochs" if steps else "")
-    return train(model, causal_lm_loss, batches, evaluator, tokenizer, train_config, run_dir, runtime,
+    objective = partial(causal_lm_loss, label_smoothing=train_config.label_smoothing)
+    return train(model, objective, batches, evaluator, tokenizer, train_config, run_dir, runtime,
                  resume=config.resume, info=info)

@@ -1,8 +1,11 @@
 """The pretraining recipe: prepared token shards + a model + its objective -> the loop.
 
 Decoders and LSTMs learn to predict the next token (``clm``); encoders learn to fill in masked
-tokens (``mlm``, BERT's recipe): their tokenizer gains a ``<|mask|>`` token and the evaluation masks
-the fixed validation windows with a fixed seed, so every evaluation scores the same predictions.
+tokens (``mlm``, BERT's recipe); encoder-decoders learn to rebuild a window whose spans were each
+replaced by one mask token (``denoise``, BART's text infilling), which teaches the decoder to read
+and copy the source before it is fine-tuned on pairs. Masking objectives add a ``<|mask|>`` token to
+the tokenizer, and the evaluation corrupts the fixed validation windows with a fixed seed, so every
+evaluation scores the same predictions.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from lmforge.training.distributed import DistContext, all_reduce_sum
 from lmforge.training.loop import Objective, TrainResult, setup_runtime, train
 from lmforge.training.objectives import (
     causal_lm_loss,
+    denoising_objective,
     masked_lm_objective,
     summed_causal_lm_loss,
+    summed_denoising_loss,
     summed_masked_lm_loss,
 )
 
@@ -71,16 +76,25 @@ class WindowLossEvaluator:
 
 def objectives(config: PretrainConfig, tokenizer: Tokenizer) -> tuple[Objective, SummedLoss]:
     """The training objective and the evaluation's summed loss of the run's objective."""
+    smoothing = config.train.label_smoothing
     if config.resolved_objective == "clm":
-        return causal_lm_loss, lambda model, batch, generator: summed_causal_lm_loss(model, batch)
+        return (partial(causal_lm_loss, label_smoothing=smoothing),
+                lambda model, batch, generator: summed_causal_lm_loss(model, batch))
+    if config.resolved_objective == "denoise":
+        args = (tokenizer.mask_id, tokenizer.pad_id, tokenizer.bos_id, config.denoise_probability,
+                config.denoise_mean_span)
+        return denoising_objective(*args, label_smoothing=smoothing), partial(summed_denoising_loss, *args)
     args = (tokenizer.mask_id, tokenizer.vocab_size, config.mlm_probability, tokenizer.special_ids)
-    return masked_lm_objective(*args), partial(summed_masked_lm_loss, *args)
+    return masked_lm_objective(*args, label_smoothing=smoothing), partial(summed_masked_lm_loss, *args)
 
 
 def run_tokenizer(config: PretrainConfig, data: TokenData) -> Tokenizer:
-    """The data's tokenizer, with a mask token for masked-language modelling."""
+    """The data's tokenizer, with a mask token for the masking objectives (mlm, denoise)."""
     tokenizer = data.tokenizer()
-    return tokenizer.with_mask() if config.resolved_objective == "mlm" else tokenizer
+    if config.resolved_objective == "denoise" and (tokenizer.bos_id is None or tokenizer.pad_id is None):
+        raise ConfigError("denoising pretraining needs a tokenizer with bos and pad tokens (lmforge train-tokenizer "
+                          "makes them)")
+    return tokenizer.with_mask() if config.resolved_objective in ("mlm", "denoise") else tokenizer
 
 
 def resolve_model_config(config: PretrainConfig, vocab_size: int) -> ModelConfig:

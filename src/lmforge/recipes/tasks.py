@@ -137,7 +137,8 @@ def classification_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: T
 
     summary = (f"{len(train_rows)} training texts, {len(val_rows)} held out, {len(labels)} labels"
                f"{' (multi-label)' if multi else ''}: {', '.join(labels[:8])}{'...' if len(labels) > 8 else ''}")
-    return TaskRun(model, classification_loss, train_rows, collate, evaluator, task_info, summary,
+    objective = partial(classification_loss, label_smoothing=config.train.label_smoothing)
+    return TaskRun(model, objective, train_rows, collate, evaluator, task_info, summary,
                    after=tune_thresholds if multi else None)
 
 
@@ -210,7 +211,8 @@ def seq2seq_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: Tokenize
                                  config.train.eval_windows, config.train.final_eval_windows, config.eval.examples,
                                  config.eval.max_new_tokens)
     summary = f"{len(train_rows)} {purpose} pairs, {len(val_rows)} held out"
-    return TaskRun(backbone, seq2seq_loss, train_rows, collate, evaluator, {"kind": "seq2seq", "purpose": purpose},
+    objective = partial(seq2seq_loss, label_smoothing=config.train.label_smoothing)
+    return TaskRun(backbone, objective, train_rows, collate, evaluator, {"kind": "seq2seq", "purpose": purpose},
                    summary)
 
 
@@ -266,6 +268,9 @@ class Seq2SeqEvaluator:
 # Extractive question answering
 # ------------------------------------------------------------------------------------------
 def qa_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: Tokenizer) -> TaskRun:
+    if config.train.label_smoothing:
+        raise ConfigError("train.label_smoothing is for token and class targets; extractive QA (span positions) "
+                          "trains without it")
     data = config.data
     train_examples = read_qa(data.path)
     val_examples = read_qa(data.val_path) if data.val_path else None

@@ -1,4 +1,9 @@
-"""Objectives: ``(model, batch) -> loss``. A recipe picks one; the loop never looks inside."""
+"""Objectives: ``(model, batch) -> loss``. A recipe picks one; the loop never looks inside.
+
+The token and class objectives take ``label_smoothing`` (``train.label_smoothing``): that share of each
+target's probability is spread evenly over every token or class, as in ``F.cross_entropy``. A recipe
+binds it with :func:`functools.partial`; validation losses are always computed unsmoothed.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,14 @@ from torch import Tensor, nn
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
     """Mean next-token cross-entropy over the labels that are not ``IGNORE_INDEX``.
 
     ``batch["input_ids"]`` and ``batch["labels"]`` are (B, T); labels are the inputs shifted by one.
     """
     logits = model(batch["input_ids"])  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                           label_smoothing=label_smoothing)
 
 
 def summed_causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
@@ -53,7 +59,8 @@ def mask_tokens(input_ids: Tensor, mask_id: int, vocab_size: int, probability: f
 
 
 def masked_lm_objective(mask_id: int, vocab_size: int, probability: float = 0.15,
-                        special_ids: set[int] | None = None) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
+                        special_ids: set[int] | None = None,
+                        label_smoothing: float = 0.0) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
     """An objective that corrupts ``batch["input_ids"]`` (B, T) with :func:`mask_tokens` and returns
     the mean cross-entropy of the model's predictions (B, T, V) of the original tokens at the chosen
     positions. Special tokens (``special_ids``) are never chosen."""
@@ -63,7 +70,8 @@ def masked_lm_objective(mask_id: int, vocab_size: int, probability: float = 0.15
         logits, labels = _masked_predictions(model, batch, mask_id, vocab_size, probability, special)
         if not bool((labels != IGNORE_INDEX).any()):  # nothing chosen in a tiny batch: a zero that keeps the graph
             return logits.sum() * 0.0
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                               label_smoothing=label_smoothing)
 
     return masked_lm_loss
 
@@ -95,25 +103,90 @@ def _masked_predictions(model: nn.Module, batch: dict[str, Tensor], mask_id: int
 
 
 # ------------------------------------------------------------------------------------------
+# Denoising (encoder-decoder family): BART's text infilling
+# ------------------------------------------------------------------------------------------
+def infill_spans(ids: Tensor, mask_id: int, pad_id: int, probability: float = 0.3, mean_span: float = 3.0,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """BART's text infilling: spans starting at random tokens (each with chance ``probability /
+    mean_span``; lengths ~ Poisson(``mean_span``), at least 1; about ``probability`` of the tokens in
+    all) are each replaced by one mask token, so the model must also tell how much is missing.
+
+    ``ids`` (B, T) -> (source ids (B, S), source mask (B, S) bool), rows right-padded with ``pad_id``,
+    S <= T. Uses the torch RNG unless ``generator`` is given (restored on resume, like MLM's masks).
+    """
+    B, T = ids.shape
+    device = ids.device
+    starts = torch.rand(ids.shape, device=device, generator=generator) < probability / mean_span
+    lengths = torch.poisson(torch.full(ids.shape, mean_span, device=device), generator=generator).long().clamp_min(1)
+    position = torch.arange(T, device=device).expand(B, T)
+    span_end = torch.where(starts, position + lengths, -1)           # (B, T) exclusive end of a span starting here
+    masked = span_end.cummax(dim=1).values > position                # inside some span
+    opens = masked & ~F.pad(masked, (1, 0))[:, :-1]                  # the first token of each masked run
+    kept = ~masked | opens                                           # a run shrinks to its first position
+    tokens = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    lengths_kept = kept.sum(1)                                       # (B,)
+    S = int(lengths_kept.max())
+    order = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)[:, :S]  # kept positions first, in order
+    source_mask = torch.arange(S, device=device) < lengths_kept[:, None]
+    return tokens.gather(1, order).masked_fill(~source_mask, pad_id), source_mask
+
+
+def _denoising_predictions(model: nn.Module, ids: Tensor, mask_id: int, pad_id: int, bos_id: int,
+                           probability: float, mean_span: float,
+                           generator: torch.Generator | None = None) -> Tensor:
+    """The model's (B, T, V) logits for reconstructing ``ids`` (B, T) from its infilled version; the
+    decoder reads bos + ``ids`` shifted right."""
+    source, source_mask = infill_spans(ids, mask_id, pad_id, probability, mean_span, generator)
+    decoder_ids = torch.cat([torch.full_like(ids[:, :1], bos_id), ids[:, :-1]], dim=1)
+    return model(source, attention_mask=source_mask, decoder_input_ids=decoder_ids)
+
+
+def denoising_objective(mask_id: int, pad_id: int, bos_id: int, probability: float = 0.3, mean_span: float = 3.0,
+                        label_smoothing: float = 0.0) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
+    """Encoder-decoder pretraining (BART): the mean cross-entropy of reconstructing every token of
+    ``batch["input_ids"]`` (B, T) from a copy corrupted by :func:`infill_spans`."""
+
+    def denoising_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        ids = batch["input_ids"]
+        logits = _denoising_predictions(model, ids, mask_id, pad_id, bos_id, probability, mean_span)
+        return F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), label_smoothing=label_smoothing)
+
+    return denoising_loss
+
+
+def summed_denoising_loss(mask_id: int, pad_id: int, bos_id: int, probability: float, mean_span: float,
+                          model: nn.Module, batch: dict[str, Tensor],
+                          generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+    """(sum of the reconstruction cross-entropies, number of tokens), corrupting with ``generator``."""
+    ids = batch["input_ids"]
+    logits = _denoising_predictions(model, ids, mask_id, pad_id, bos_id, probability, mean_span, generator)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="sum")
+    return loss, ids.numel()
+
+
+# ------------------------------------------------------------------------------------------
 # Sequence-to-sequence, classification and span extraction
 # ------------------------------------------------------------------------------------------
-def seq2seq_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def seq2seq_loss(model: nn.Module, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
     """Mean cross-entropy of the target tokens: ``input_ids``/``attention_mask`` (B, S) are the
     source, ``decoder_input_ids`` (B, T) the target shifted right (starting with bos) and ``labels``
     (B, T) the target (``IGNORE_INDEX`` on padding)."""
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                    decoder_input_ids=batch["decoder_input_ids"])  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                           label_smoothing=label_smoothing)
 
 
-def classification_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def classification_loss(model: nn.Module, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy of (B, L) logits against ``labels``: class indices (B,) for single-label data,
-    or 0/1 floats (B, L) for multi-label data (one sigmoid per label)."""
+    or 0/1 floats (B, L) for multi-label data (one sigmoid per label, whose smoothed target is
+    ``y (1 - s) + s / 2``)."""
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # (B, L)
     labels = batch["labels"]
     if labels.dim() == 2:
-        return F.binary_cross_entropy_with_logits(logits, labels.float())
-    return F.cross_entropy(logits, labels)
+        targets = labels.float() * (1.0 - label_smoothing) + label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
 def span_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

@@ -64,12 +64,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def _pretrain_config(args: argparse.Namespace) -> Any:
     from lmforge.config import PretrainConfig, read_config_file
-    from lmforge.options import build_dataclass, deep_merge, namespace_to_dict
+    from lmforge.options import build_dataclass, deep_merge, field_names, namespace_to_dict
 
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
     if isinstance(values.get("model"), str):
         values["model"] = {"preset": values["model"]}
-    overrides = namespace_to_dict(args, keep=("data", "out", "model", "train", "resume", "nproc"))
+    overrides = namespace_to_dict(args, keep=field_names(PretrainConfig))
     config = build_dataclass(PretrainConfig, deep_merge(values, overrides))
     if not config.model.preset and "model" not in values and "model" not in overrides:
         raise ConfigError("no model: give --model PRESET (see 'lmforge presets') or a 'model:' section")
@@ -98,7 +98,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int | None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from lmforge.config import FinetuneConfig, read_config_file
-    from lmforge.options import build_dataclass, deep_merge, namespace_to_dict
+    from lmforge.options import build_dataclass, deep_merge, field_names, namespace_to_dict
     from lmforge.recipes.finetune import finetune, resolve_task
 
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
@@ -106,8 +106,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         values["data"] = {"path": values["data"]}
     if isinstance(values.get("model"), str):
         values["model"] = {"preset": values["model"]}
-    overrides = namespace_to_dict(args, keep=("checkpoint", "task", "purpose", "pooling", "tokenizer", "model", "out",
-                                              "data", "train", "lora", "eval", "resume"))
+    overrides = namespace_to_dict(args, keep=field_names(FinetuneConfig))
     config = build_dataclass(FinetuneConfig, deep_merge(values, overrides))
     result = finetune(config)
     metrics = result.metrics

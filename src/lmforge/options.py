@@ -159,6 +159,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", 
         group.add_argument(flag, **kwargs)
 
 
+def field_names(cls: type) -> tuple[str, ...]:
+    """The top-level option names of a config dataclass (what :func:`namespace_to_dict` keeps)."""
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def namespace_to_dict(namespace: argparse.Namespace, keep: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Turn dotted argparse destinations (``train.lr``) into a nested dict."""
     nested: dict[str, Any] = {}

@@ -98,3 +98,23 @@ def test_average_the_last_checkpoints_of_a_run(classifier, tmp_path):
     assert_clean_error(lmforge("finetune", "--tokenizer", folder / "tok", "--data", folder / "train.tsv",
                                "--train.label_smoothing", 1.5, "--out", tmp_path / "s"),
                        "train.label_smoothing must be in [0, 1)")
+
+
+def test_pretrain_options_of_the_objective_reach_the_run(classifier, tmp_path):
+    folder, _ = classifier
+    prepared = lmforge("prepare", "--input", folder / "text.txt", "--tokenizer", folder / "tok", "--out",
+                       tmp_path / "data", "--quiet")
+    assert prepared.returncode == 0, prepared.stderr
+    run = lmforge("pretrain", "--data", tmp_path / "data", "--model", "seq2seq-tiny", "--out", tmp_path / "run",
+                  "--max-steps", 4, "--denoise_probability", 0.2, "--train.progress", "false",
+                  "--train.device", "cpu", threads=1)
+    assert run.returncode == 0, run.stderr
+    resolved = (tmp_path / "run" / "config.yaml").read_text(encoding="utf-8")
+    assert "denoise_probability: 0.2" in resolved
+    final = json.loads((tmp_path / "run" / "checkpoints" / "final" / "config.json").read_text(encoding="utf-8"))
+    assert final["objective"] == "denoise"
+    assert_clean_error(lmforge("pretrain", "--data", tmp_path / "data", "--model", "seq2seq-tiny", "--out",
+                               tmp_path / "x", "--objective", "clm"), "clm objective does not fit the seq2seq family")
+    assert_clean_error(lmforge("pretrain", "--data", tmp_path / "data", "--model", "gpt2-tiny", "--out",
+                               tmp_path / "x", "--objective", "mlm"), "mlm objective does not fit the decoder family")
+    assert not (tmp_path / "x").exists()

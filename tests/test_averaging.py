@@ -90,6 +90,9 @@ def test_checkpoints_of_different_models_are_refused(tmp_path, tokenizer):
     save_checkpoint(tmp_path / "other-tok", build_model(tiny_config(tokenizer)), other)
     with pytest.raises(CheckpointError, match="another tokenizer"):
         average_checkpoints([tmp_path / "a", tmp_path / "other-tok"], tmp_path / "out")
+    (tmp_path / "other-tok" / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="has no readable tokenizer.json"):
+        average_checkpoints([tmp_path / "a", tmp_path / "other-tok"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

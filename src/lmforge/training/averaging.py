@@ -60,9 +60,9 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
         if config["model"] != configs[0]["model"] or config.get("task") != configs[0].get("task"):
             raise CheckpointError(f"{path} has another architecture or task than {sources[0]}: only checkpoints "
                                   f"of one model can be averaged")
-    tokenizer_file = (sources[0] / "tokenizer.json").read_bytes()
+    tokenizer_file = _tokenizer_bytes(sources[0])
     for path in sources[1:]:
-        if (path / "tokenizer.json").read_bytes() != tokenizer_file:
+        if _tokenizer_bytes(path) != tokenizer_file:
             raise CheckpointError(f"{path} has another tokenizer than {sources[0]}")
     check_output_folder(out, _is_checkpoint)
 
@@ -79,6 +79,13 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
     info = {k: v for k, v in configs[-1].items() if k not in META_KEYS}
     info["averaged_from"] = [str(p.resolve()) for p in sources]
     return save_checkpoint(out, model, tokenizer, info=info)
+
+
+def _tokenizer_bytes(path: Path) -> bytes:
+    try:
+        return (path / "tokenizer.json").read_bytes()
+    except OSError:
+        raise CheckpointError(f"{path} has no readable tokenizer.json") from None
 
 
 def _is_checkpoint(path: Path) -> bool:

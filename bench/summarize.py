@@ -6,7 +6,8 @@ picks the best checkpoint by target loss) and ``dev.jsonl`` (500 emails, the tes
 - Baseline (lead-N): the first N words of the email, N = the mean subject length of the training set
   in words, rounded (4).
 - lmforge: a byte-level BPE tokenizer (8,192) trained on the training emails and subjects, and a
-  ``seq2seq-small`` model (3 + 3 layers, width 256) with ``--block`` (128) token windows. First
+  ``seq2seq-small`` model (3 + 3 layers, width 256) with ``--block`` (128) token windows and pointer-generator
+  copying (``pointer_generator``; ``--model pointer_generator=false`` turns it off). First
   ``--pretrain-time`` seconds of BART-style denoising (``PretrainConfig(objective="denoise")``: spans of
   the training email bodies, no subjects, replaced by a mask token, the window rebuilt), which teaches
   the decoder to read and copy the email; then ``--max-time`` seconds of
@@ -17,7 +18,7 @@ ROUGE-1/2/L F (``lmforge.evaluation.metrics.rouge``, rouge-score with stemming) 
 subject line, and against the three human annotations of the dev set (best of three).
 
     python bench/summarize.py [--pretrain-time 600] [--max-time 600] [--beam 4] [--dtype bf16] [--work DIR]
-                              [--quick] [--json FILE]
+                              [--model KNOB=VALUE ...] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tasklib import (
     aeslc,
     bpe_tokenizer,
     decode_all,
+    model_knobs,
     need,
     print_table,
     run_finetune,
@@ -59,7 +61,7 @@ def scores(name: str, outputs: list[str], test: list[dict], seconds: float, deco
 def lmforge_summarizer(train: list[dict], test: list[dict], work: Path, args: argparse.Namespace) -> dict:
     fit, val = split_off(train, every=50)
     tokenizer = bpe_tokenizer(work / "tokenizer", [r["document"] + "\n" + r["summary"] for r in fit], 8192)
-    model = {"preset": "seq2seq-small", "block_size": args.block}
+    model = {"preset": "seq2seq-small", "block_size": args.block, "pointer_generator": True, **model_knobs(args.model)}
     if args.quick:
         model.update(n_layer=1, n_decoder_layer=1, n_embd=64)
     start = time.perf_counter()
@@ -103,6 +105,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--block", type=int, default=128, help="source (and target) tokens")
     parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--model", action="append", default=[], metavar="KNOB=VALUE",
+                        help="a model knob over seq2seq-small with pointer_generator=true, e.g. --model dropout=0.2"
+                             " (--model pointer_generator=false: no copying)")
     parser.add_argument("--work", default="/tmp/lmforge-tasks/summarize")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 8 steps, 50 test emails")
     parser.add_argument("--json", default=None)

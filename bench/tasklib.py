@@ -99,6 +99,14 @@ def run_finetune(options: dict[str, Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
+def model_knobs(pairs: list[str]) -> dict[str, Any]:
+    """``--model`` options: ``["n_embd=128", "dropout=0.3"]`` -> ``{"n_embd": 128, "dropout": 0.3}``
+    (values read as YAML)."""
+    import yaml
+
+    return {name.strip(): yaml.safe_load(value) for name, _, value in (pair.partition("=") for pair in pairs)}
+
+
 def train_options(max_time: float, quick: bool, **overrides: Any) -> dict[str, Any]:
     """Fine-tuning options with a time budget (steps unbounded: the LR decays over ``max_time``)."""
     options = dict(max_steps=None, max_time=max_time, progress=False, device="cpu", dtype="fp32",

@@ -38,6 +38,7 @@ from tasklib import (
     DATA,
     bpe_tokenizer,
     decode_all,
+    model_knobs,
     need,
     print_table,
     run_finetune,
@@ -83,6 +84,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-time", type=float, default=3600.0, help="seconds of training")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32, help="sentence pairs per step")
+    parser.add_argument("--warmup", type=int, default=200, help="warm-up steps")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary of both languages")
+    parser.add_argument("--model", action="append", default=[], metavar="KNOB=VALUE",
+                        help="a model knob over seq2seq-small, e.g. --model n_embd=128 --model dropout=0.3")
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--dtype", default="bf16", help="training precision: bf16 (autocast) or fp32")
     parser.add_argument("--label-smoothing", type=float, default=0.1)
@@ -109,11 +115,12 @@ def main() -> None:
     rows = [{"model": "Dice lexicon, word by word", "BLEU": bleu(outputs, val_de), "chrF": chrf(outputs, val_de),
              "train_s": time.perf_counter() - start}]
 
-    tokenizer = bpe_tokenizer(work / "tokenizer", train_en + train_de, 8192)
+    tokenizer = bpe_tokenizer(work / f"tokenizer-{args.vocab_size}", train_en + train_de, args.vocab_size)
     options = {"tokenizer": str(tokenizer), "task": "seq2seq", "purpose": "translation", "out": str(work / "run"),
-               "model": {"preset": "seq2seq-small", "block_size": 128},
+               "model": {"preset": "seq2seq-small", "block_size": 128, **model_knobs(args.model)},
                "data": {"path": str(MT / "train.en"), "target_path": str(MT / "train.de"), "val_fraction": 0.02},
-               "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=32, warmup_steps=200,
+               "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=args.batch_size,
+                                      warmup_steps=args.warmup,
                                       eval_interval=500, eval_windows=None, weight_decay=0.01, dtype=args.dtype,
                                       label_smoothing=args.label_smoothing, save_interval=args.save_interval,
                                       keep_checkpoints=max(args.average - 1, 1))}

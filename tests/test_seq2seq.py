@@ -21,6 +21,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.training.checkpoint import load_model, save_checkpoint
 from lmforge.training.loop import setup_runtime, train
 from lmforge.training.objectives import seq2seq_loss
+from seq2seq_helpers import padded
 
 FLAVOURS = {
     "bart": dict(),
@@ -33,15 +34,6 @@ def make_model(flavour: str = "bart", seed: int = 0, **knobs) -> Seq2SeqLM:
     torch.manual_seed(seed)
     knobs = {"vocab_size": 40, "block_size": 24, "n_layer": 2, "n_head": 2, "n_embd": 32, **FLAVOURS[flavour], **knobs}
     return Seq2SeqLM(ModelConfig(family="seq2seq", **knobs)).eval()
-
-
-def padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), True
-    return ids, mask
 
 
 # ------------------------------------------------------------------------------------------

@@ -69,6 +69,8 @@ class ModelConfig:
     tie_embeddings: bool = option(True, "share the token embedding with the output head")
     dropout: float = option(0.0, "dropout probability during training")
     n_decoder_layer: int | None = option(None, "seq2seq only: decoder blocks (default: n_layer)")
+    pointer_generator: bool = option(False, "seq2seq only: copy source tokens (See et al. 2017): the output mixes "
+                                            "the vocabulary softmax with an attention over the source")
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -98,6 +100,9 @@ class ModelConfig:
             raise ConfigError(f"RoPE needs an even head size, got {self.head_dim} (n_embd / n_head)")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), not {self.dropout}")
+        if self.pointer_generator and self.family != "seq2seq":
+            raise ConfigError("model.pointer_generator copies from a source: it needs the seq2seq family, "
+                              f"not {self.family}")
 
     @property
     def head_dim(self) -> int:

@@ -106,13 +106,18 @@ def test_pretrain_options_of_the_objective_reach_the_run(classifier, tmp_path):
                        tmp_path / "data", "--quiet")
     assert prepared.returncode == 0, prepared.stderr
     run = lmforge("pretrain", "--data", tmp_path / "data", "--model", "seq2seq-tiny", "--out", tmp_path / "run",
-                  "--max-steps", 4, "--denoise_probability", 0.2, "--train.progress", "false",
-                  "--train.device", "cpu", threads=1)
+                  "--max-steps", 4, "--denoise_probability", 0.2, "--model.pointer_generator", "true",
+                  "--train.progress", "false", "--train.device", "cpu", threads=1)
     assert run.returncode == 0, run.stderr
     resolved = (tmp_path / "run" / "config.yaml").read_text(encoding="utf-8")
     assert "denoise_probability: 0.2" in resolved
     final = json.loads((tmp_path / "run" / "checkpoints" / "final" / "config.json").read_text(encoding="utf-8"))
-    assert final["objective"] == "denoise"
+    assert final["objective"] == "denoise" and final["model"]["pointer_generator"]
+    generated = lmforge("generate", tmp_path / "run", "--prompt", "we saw a ball", "--beam-size", 2,
+                        "--max-new-tokens", 5, threads=1)
+    assert generated.returncode == 0, generated.stderr
+    assert_clean_error(lmforge("pretrain", "--data", tmp_path / "data", "--model", "gpt2-tiny", "--out",
+                               tmp_path / "x", "--model.pointer_generator", "true"), "needs the seq2seq family")
     assert_clean_error(lmforge("pretrain", "--data", tmp_path / "data", "--model", "seq2seq-tiny", "--out",
                                tmp_path / "x", "--objective", "clm"), "clm objective does not fit the seq2seq family")
     assert_clean_error(lmforge("pretrain", "--data", tmp_path / "data", "--model", "gpt2-tiny", "--out",

@@ -42,7 +42,7 @@ class Seq2SeqDecoding:
             mask[row, :len(source)] = True
         ids, mask = ids.to(device), mask.to(device)
         memory = model.encode(ids, mask)  # (B, S, C)
-        self.cache = model.new_cache(memory, mask, max_len=max(1, min(max_new_tokens, block_size)))
+        self.cache = model.new_cache(memory, mask, max_len=max(1, min(max_new_tokens, block_size)), source_ids=ids)
 
     @property
     def rows(self) -> int:

@@ -18,6 +18,12 @@ H heads, Hkv key/value heads, D head size, V vocabulary.
                                           ; x + cross_attn(norm2(x), memory)           (source padding hidden)
                                           ; x + mlp(norm3(x)) ]
                      -> norm -> lm_head -> logits (B, T, V)
+                     [-> pointer_generator(states, logits, memory, source ids) -> log-probabilities (B, T, V)]
+
+With ``pointer_generator`` (See et al. 2017) the model can also copy: its output mixes the vocabulary
+softmax with an attention over the source tokens (:class:`PointerGenerator`), and it returns normalised
+log-probabilities instead of logits. Everything downstream (losses, beam search, sampling) takes a
+log-softmax of what the model returns, which leaves log-probabilities unchanged, so both kinds work alike.
 
 Differences from BART/T5: pre-norm blocks with a final norm in each stack (as T5 and GPT-2), learned
 positions or RoPE as configured (no relative position buckets), and no rescaling of the tied head.
@@ -46,13 +52,16 @@ class Seq2SeqCache:
 
     ``self_attn`` holds the decoder's own keys/values, (B, Hkv, max_len, D) per layer; ``cross_keys[i]``
     and ``cross_values[i]`` are layer i's keys/values of the encoder output, (B, Hkv, S, D), computed
-    once; ``source_mask`` (B, S) bool is True for real source tokens (None: no padding).
+    once; ``source_mask`` (B, S) bool is True for real source tokens (None: no padding). A pointer-generator
+    model also keeps the encoder output ``memory`` (B, S, C) and the ``source_ids`` (B, S) it copies from.
     """
 
     self_attn: KVCache
     cross_keys: list[Tensor]
     cross_values: list[Tensor]
     source_mask: Tensor | None
+    memory: Tensor | None = None
+    source_ids: Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -71,6 +80,8 @@ class Seq2SeqCache:
         self.cross_values = [v[rows] for v in self.cross_values]
         if self.source_mask is not None:
             self.source_mask = self.source_mask[rows]
+        if self.memory is not None:
+            self.memory, self.source_ids = self.memory[rows], self.source_ids[rows]
 
 
 # ------------------------------------------------------------------------------------------
@@ -137,6 +148,37 @@ class DecoderBlock(nn.Module):
         return F.dropout(y, self.dropout) if self.training and self.dropout else y
 
 
+class PointerGenerator(nn.Module):
+    """Copying from the source (See et al. 2017, "Get To The Point"). The next-token distribution is
+
+        p(w) = g * softmax(logits)(w) + (1 - g) * sum of a(s) over the source positions s holding token w
+
+    where a (B, T, S) is a single-head attention of the decoder's final states over the encoder output
+    and the gate g = sigmoid(w . [state; context]) in (0, 1) chooses, per target position, between
+    generating and copying. Computed in fp32; returns log p (B, T, V).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.query = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.gate = nn.Linear(2 * config.n_embd, 1)
+
+    def forward(self, states: Tensor, logits: Tensor, memory: Tensor, source_ids: Tensor,
+                source_mask: Tensor | None) -> Tensor:
+        """states (B, T, C) and logits (B, T, V) of the decoder, memory (B, S, C) and source_ids (B, S)
+        of the encoder, source_mask (B, S) bool True for real source tokens (None: no padding)."""
+        T = states.shape[1]
+        scores = self.query(states) @ memory.transpose(1, 2) / math.sqrt(states.shape[-1])  # (B, T, S)
+        if source_mask is not None:
+            scores = scores.masked_fill(~source_mask[:, None, :], float("-inf"))
+        attention = scores.float().softmax(-1)                                                # (B, T, S)
+        context = attention.to(memory.dtype) @ memory                                          # (B, T, C)
+        gate = torch.sigmoid(self.gate(torch.cat([states, context.to(states.dtype)], -1)).float())  # (B, T, 1)
+        probs = gate * logits.float().softmax(-1)                                              # (B, T, V)
+        probs = probs.scatter_add(-1, source_ids[:, None, :].expand(-1, T, -1), (1 - gate) * attention)
+        return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
 # ------------------------------------------------------------------------------------------
 # The model
 # ------------------------------------------------------------------------------------------
@@ -145,7 +187,8 @@ class Seq2SeqLM(nn.Module):
 
     Parameter names: ``tok_emb`` (shared), ``enc_pos_emb``/``dec_pos_emb`` (learned positions),
     ``encoder_blocks.N.*`` (as :class:`~lmforge.models.decoder.Block`), ``encoder_norm``,
-    ``decoder_blocks.N.{attn,cross_attn,mlp,norm1,norm2,norm3}.*``, ``norm`` and ``lm_head``.
+    ``decoder_blocks.N.{attn,cross_attn,mlp,norm1,norm2,norm3}.*``, ``norm``, ``lm_head`` and, with
+    ``pointer_generator``, ``pointer.{query,gate}.*``.
     """
 
     def __init__(self, config: ModelConfig):
@@ -166,6 +209,7 @@ class Seq2SeqLM(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.pointer = PointerGenerator(config) if config.pointer_generator else None
         if config.position == "rope":
             cos, sin = rope_tables(config, config.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D)
@@ -174,7 +218,7 @@ class Seq2SeqLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(residual branches of
-        their stack): 2 per encoder block, 3 per decoder block."""
+        their stack): 2 per encoder block, 3 per decoder block. A pointer-generator's gate starts at 1/2."""
         encoder_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         decoder_std = 0.02 / math.sqrt(3 * self.n_decoder_layer)
         for name, module in self.named_modules():
@@ -191,11 +235,12 @@ class Seq2SeqLM(nn.Module):
     # -------------------------------------------------------------- forward
     def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None,
                 decoder_input_ids: Tensor) -> Tensor:
-        """Teacher-forced logits (B, T, V): ``input_ids`` (B, S) the source, ``attention_mask`` (B, S)
-        True for real source tokens (None: no padding), ``decoder_input_ids`` (B, T) the target shifted
-        right (starting with bos). Right padding of the target needs no mask: the decoder is causal."""
+        """Teacher-forced logits (B, T, V) (log-probabilities with ``pointer_generator``): ``input_ids``
+        (B, S) the source, ``attention_mask`` (B, S) True for real source tokens (None: no padding),
+        ``decoder_input_ids`` (B, T) the target shifted right (starting with bos). Right padding of the
+        target needs no mask: the decoder is causal."""
         memory = self.encode(input_ids, attention_mask)
-        return self.decode(decoder_input_ids, memory, attention_mask)
+        return self.decode(decoder_input_ids, memory, attention_mask, source_ids=input_ids)
 
     def _embed(self, ids: Tensor, position_ids: Tensor, pos_emb: nn.Embedding | None
                ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
@@ -226,11 +271,12 @@ class Seq2SeqLM(nn.Module):
             x = block(x, rope, mask, None, i)
         return self.encoder_norm(x)  # (B, S, C)
 
-    def new_cache(self, memory: Tensor, attention_mask: Tensor | None = None, max_len: int | None = None
-                  ) -> Seq2SeqCache:
+    def new_cache(self, memory: Tensor, attention_mask: Tensor | None = None, max_len: int | None = None,
+                  source_ids: Tensor | None = None) -> Seq2SeqCache:
         """An empty decoding cache for the encoder output ``memory`` (B, S, C) of sources with padding
         mask ``attention_mask`` (B, S); it holds up to ``max_len`` target tokens (default block_size).
-        Every layer's cross-attention keys/values are computed here, once."""
+        Every layer's cross-attention keys/values are computed here, once. A pointer-generator model
+        needs the ``source_ids`` (B, S) to copy from."""
         c = self.config
         B, max_len = memory.shape[0], min(max_len or c.block_size, c.block_size)
         shape = (B, c.n_kv_head, max_len, c.head_dim)
@@ -238,12 +284,15 @@ class Seq2SeqLM(nn.Module):
                             [memory.new_zeros(shape) for _ in range(self.n_decoder_layer)])
         keys, values = zip(*(block.cross_attn.memory_kv(memory) for block in self.decoder_blocks))
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
-        return Seq2SeqCache(self_attn, list(keys), list(values), mask)
+        if self.pointer is None:
+            return Seq2SeqCache(self_attn, list(keys), list(values), mask)
+        return Seq2SeqCache(self_attn, list(keys), list(values), mask, memory, self._copy_source(source_ids))
 
     def decode(self, decoder_input_ids: Tensor, memory: Tensor | None = None,
                attention_mask: Tensor | None = None, *, cache: Seq2SeqCache | None = None,
-               last_only: bool = False) -> Tensor:
-        """Next-token logits of target ids given the encoder output.
+               last_only: bool = False, source_ids: Tensor | None = None) -> Tensor:
+        """Next-token logits of target ids given the encoder output (log-probabilities with
+        ``pointer_generator``).
 
         Args:
             decoder_input_ids: (B, T) target ids; with a cache, the tokens after the cached ones.
@@ -252,6 +301,7 @@ class Seq2SeqLM(nn.Module):
             attention_mask: (B, S) bool source padding mask, True for real tokens (without a cache).
             cache: a :class:`Seq2SeqCache` to read and extend (incremental decoding).
             last_only: compute logits for the last position only (generation).
+            source_ids: (B, S) the source ids a pointer-generator copies from (without a cache).
 
         Returns:
             (B, T, V) logits, or (B, 1, V) with ``last_only``.
@@ -261,11 +311,13 @@ class Seq2SeqLM(nn.Module):
                 raise ValueError("decode needs the encoder output (memory) or a cache made by new_cache")
             cache_kv = [block.cross_attn.memory_kv(memory) for block in self.decoder_blocks]
             source_mask = attention_mask.bool() if attention_mask is not None else None
+            if self.pointer is not None:
+                source_ids = self._copy_source(source_ids)
         else:
             cache_kv = list(zip(cache.cross_keys, cache.cross_values))
             source_mask = cache.source_mask
-        if source_mask is not None:
-            source_mask = source_mask[:, None, None, :]  # (B, 1, 1, S)
+            memory, source_ids = cache.memory, cache.source_ids
+        cross_mask = source_mask[:, None, None, :] if source_mask is not None else None  # (B, 1, 1, S)
 
         T = decoder_input_ids.shape[1]
         past = cache.length if cache is not None else 0
@@ -279,12 +331,21 @@ class Seq2SeqLM(nn.Module):
         if past and T > 1:
             self_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)[None, None]
         for i, block in enumerate(self.decoder_blocks):
-            x = block(x, rope, self_mask, cache.self_attn if cache else None, i, cache_kv[i], source_mask)
+            x = block(x, rope, self_mask, cache.self_attn if cache else None, i, cache_kv[i], cross_mask)
         if cache is not None:
             cache.self_attn.advance(T)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        states = self.norm(x)
+        logits = self.lm_head(states)  # (B, T, V)
+        if self.pointer is None:
+            return logits
+        return self.pointer(states, logits, memory, source_ids, source_mask)
+
+    def _copy_source(self, source_ids: Tensor | None) -> Tensor:
+        if source_ids is None:
+            raise ValueError("a pointer-generator model copies from its source: pass source_ids")
+        return source_ids
 
     # -------------------------------------------------------------- introspection
     def num_parameters(self, non_embedding: bool = False) -> int:

@@ -5,7 +5,7 @@ Builds the gpt2-10m preset with random weights (or takes ``--checkpoint``), load
 ``rows`` greedy requests of the serving benchmark's prompts (16-128 tokens, 64 new tokens each) to two
 engines, and steps them alternately, so that both see the same machine load; the prefill steps are left
 out. Prints the median decoding-step time of each and their ratio, and whether both produced the same
-tokens.
+tokens. Which is faster depends on the CPU: lmforge upcasts only where it lacks AMX (``UPCAST_KEYS``).
 
     python bench/decode_attention.py [--rows 1,4,16,32] [--checkpoint PATH]
 """
@@ -13,6 +13,7 @@ tokens.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -20,11 +21,12 @@ from pathlib import Path
 
 from lmforge.api import LanguageModel
 from lmforge.config import SamplingConfig
+from lmforge.device import cpu_has_amx
 from lmforge.inference.engine import Engine
 from lmforge.models import decoder
 from serve import build_checkpoint, make_prompts
 
-PATHS = {"fused bf16": 10**18, "fp32 upcast": decoder.UPCAST_KEYS}  # UPCAST_KEYS: the smallest read upcast
+PATHS = {"fused bf16": math.inf, "fp32 upcast": decoder.UPCAST_MIN_KEYS}  # UPCAST_KEYS: the smallest read upcast
 
 
 def step_times(lm: LanguageModel, prompts: list[list[int]], rows: int) -> tuple[dict[str, float], bool]:
@@ -58,6 +60,8 @@ def main() -> None:
         checkpoint = args.checkpoint or build_checkpoint(Path(work), quick=False)
         lm = LanguageModel.load(checkpoint, dtype="bf16")
         prompts = [lm.tokenizer.encode(p) for p in make_prompts(checkpoint, 64)]
+        chosen = "fused bf16 (the CPU has AMX)" if cpu_has_amx() else "fp32 upcast (no AMX)"
+        print(f"lmforge's choice on this CPU: {chosen}")
         print(f"{'rows':>4} {'fused bf16 ms':>14} {'fp32 upcast ms':>15} {'speed-up':>9}  same tokens")
         try:
             for rows in (int(r) for r in args.rows.split(",")):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
-from lmforge.device import autocast, bf16_supported, select_device, select_dtype
+from lmforge.device import autocast, bf16_supported, cpu_has_amx, select_device, select_dtype
 from lmforge.errors import ConfigError
 
 
@@ -43,3 +46,13 @@ def test_autocast_is_a_no_op_for_fp32():
         assert not torch.is_autocast_enabled("cpu")
     with autocast(torch.device("cpu"), torch.bfloat16):
         assert torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU flags from /proc/cpuinfo (Linux)")
+def test_amx_detection_agrees_with_the_cpu_flags_and_sets_the_decoding_attention_path():
+    from lmforge.models import decoder
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert cpu_has_amx() == ("amx_tile" in flags)
+    # with AMX, torch's fused bf16 attention is the faster one and is never replaced by the fp32 upcast
+    assert decoder.UPCAST_KEYS == (math.inf if "amx_tile" in flags else decoder.UPCAST_MIN_KEYS)

@@ -39,6 +39,12 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX tiles (matrix units for bf16), which change which kernels are faster."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.13; absent: assume not
+    return bool(check is not None and check())
+
+
 def select_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute dtype for autocast: ``auto`` is bf16 where native, else fp32."""
     if name == "auto":

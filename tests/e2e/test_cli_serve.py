@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 import pytest
+import torch
 from cli_helpers import CLI, assert_clean_error, lmforge
 
 from lmforge.api import LanguageModel
@@ -51,13 +52,16 @@ def test_serve_answers_like_the_python_api(trained_run):
         assert status == 401 and error["error"]["code"] == "invalid_api_key"
         status, answer = post(f"{base}/v1/completions", body, {"Authorization": "Bearer secret"})
         assert status == 200, answer
-        expected = LanguageModel.load(trained_run, device="cpu").complete("The for statement", max_new_tokens=12,
-                                                                          temperature=0)[0]
+        # the server's default precision is auto: bf16 where the CPU computes it natively, else fp32
+        lm = LanguageModel.load(trained_run, device="cpu", dtype="auto")
+        expected = lm.complete("The for statement", max_new_tokens=12, temperature=0)[0]
         assert answer["choices"][0]["text"] == expected.text
         assert answer["usage"]["completion_tokens"] == len(expected.token_ids)
     finally:
         server.terminate()
         server.wait(timeout=30)
+    precision = "bf16" if lm.model.tok_emb.weight.dtype == torch.bfloat16 else "fp32"
+    assert f"serving {trained_run} ({precision}) at http://127.0.0.1:{port}/v1" in server.stdout.read()
 
 
 def test_serve_errors_are_one_line(trained_run, tmp_path):

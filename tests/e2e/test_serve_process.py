@@ -35,8 +35,9 @@ class ServeProcess:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen([*CLI, "serve", str(checkpoint), "--port", str(self.port), "--device", "cpu",
-                                         *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        command = [*CLI, "serve", str(checkpoint), "--port", str(self.port), "--device", "cpu", "--dtype", "fp32",
+                   *flags]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.Client(base_url=self.url, timeout=60)
 

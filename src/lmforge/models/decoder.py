@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
+from lmforge.device import cpu_has_amx
 
 
 # ------------------------------------------------------------------------------------------
@@ -216,19 +217,24 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal:
     return weights.to(v.dtype) @ v
 
 
-UPCAST_KEYS = 4 * 8 * 128 * 32
-"""Decoding attention in bf16 on CPU reads at least this many key elements (B * Hkv * S * D) per layer
-before :func:`single_query_attention` pays off: below it, the upcasts cost more than they save."""
+UPCAST_MIN_KEYS = 4 * 8 * 128 * 32
+"""On a CPU without AMX, decoding attention in bf16 reads at least this many key elements
+(B * Hkv * S * D) per layer before :func:`single_query_attention` pays off: below it, the upcasts cost
+more than they save."""
+
+UPCAST_KEYS = math.inf if cpu_has_amx() else UPCAST_MIN_KEYS
+"""The smallest read that :class:`Attention` upcasts: never on a CPU with AMX tiles, whose fused bf16
+kernel is the faster one (measured in docs/benchmarks.md: 1.35x faster than the upcast at 16 rows)."""
 
 
 def single_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, gqa: bool) -> Tensor:
     """Decoding attention on CPU for bf16 queries (B, H, 1, D) over (B, Hkv, S, D) keys and values,
     computed in fp32 and returned in the queries' dtype.
 
-    torch 2.13's fused CPU kernel is 1.5-2.5x slower in bf16 than in fp32 for one query per row over
-    many keys (16 rows of 190 cached positions, 8 heads of 32: ~1 ms against ~0.4 ms per layer); both
-    accumulate in fp32, so the results agree to bf16 rounding. For a single short row the upcasts cost
-    more than they save: see ``UPCAST_KEYS``.
+    On a CPU with AVX-512 bf16 but no AMX (AMD Zen 4), torch 2.13's fused CPU kernel is 1.5-2.5x slower
+    in bf16 than in fp32 for one query per row over many keys (16 rows of 190 cached positions, 8 heads
+    of 32: ~1 ms against ~0.4 ms per layer); both accumulate in fp32, so the results agree to bf16
+    rounding. For a single short row the upcasts cost more than they save: see ``UPCAST_KEYS``.
     """
     with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 inputs back to bf16
         y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=gqa)

@@ -18,7 +18,7 @@ ROUGE-1/2/L F (``lmforge.evaluation.metrics.rouge``, rouge-score with stemming) 
 subject line, and against the three human annotations of the dev set (best of three).
 
     python bench/summarize.py [--pretrain-time 600] [--max-time 600] [--beam 4] [--dtype bf16] [--work DIR]
-                              [--model KNOB=VALUE ...] [--quick] [--json FILE]
+                              [--model KNOB=VALUE ...] [--seed N] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def lmforge_summarizer(train: list[dict], test: list[dict], work: Path, args: ar
                "data": {"path": str(write_jsonl(work / "train.jsonl", fit)),
                         "val_path": str(write_jsonl(work / "val.jsonl", val))},
                "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=32, warmup_steps=100,
-                                      eval_interval=200, eval_windows=None, weight_decay=0.01, dtype=args.dtype)}
+                                      eval_interval=200, eval_windows=None, weight_decay=0.01, dtype=args.dtype,
+                                      seed=args.seed)}
     options.update({"checkpoint": str(pretrained)} if pretrained else {"tokenizer": str(tokenizer), "model": model})
     result, seconds = run_finetune(options)
     lm = LanguageModel.load(result.best_checkpoint, device="cpu")
@@ -91,7 +92,7 @@ def denoising_pretrain(fit: list[dict], tokenizer: Path, model: dict, work: Path
     corpus = write_jsonl(work / "pretrain.jsonl", [{"text": r["document"]} for r in fit if r["document"].strip()])
     prepare([corpus], tokenizer, work / "pretrain-data", val_fraction=0.02, progress=False)
     train = train_options(args.pretrain_time, args.quick, lr=args.lr, batch_size=32, warmup_steps=100,
-                          eval_interval=200, eval_windows=64, weight_decay=0.01, dtype=args.dtype)
+                          eval_interval=200, eval_windows=64, weight_decay=0.01, dtype=args.dtype, seed=args.seed)
     config = PretrainConfig(data=str(work / "pretrain-data"), out=str(work / "pretrain"),
                             model=ModelConfig.from_dict(model), train=TrainConfig(**train), objective="denoise")
     return pretrain(config).final_checkpoint
@@ -108,6 +109,7 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=[], metavar="KNOB=VALUE",
                         help="a model knob over seq2seq-small with pointer_generator=true, e.g. --model dropout=0.2"
                              " (--model pointer_generator=false: no copying)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the model's initialisation and data order")
     parser.add_argument("--work", default="/tmp/lmforge-tasks/summarize")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 8 steps, 50 test emails")
     parser.add_argument("--json", default=None)

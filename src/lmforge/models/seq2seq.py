@@ -155,7 +155,7 @@ class PointerGenerator(nn.Module):
 
     where a (B, T, S) is a single-head attention of the decoder's final states over the encoder output
     and the gate g = sigmoid(w . [state; context]) in (0, 1) chooses, per target position, between
-    generating and copying. Computed in fp32; returns log p (B, T, V).
+    generating and copying. The mixture is computed in fp32; returns log p (B, T, V).
     """
 
     def __init__(self, config: ModelConfig):
@@ -286,7 +286,7 @@ class Seq2SeqLM(nn.Module):
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         if self.pointer is None:
             return Seq2SeqCache(self_attn, list(keys), list(values), mask)
-        return Seq2SeqCache(self_attn, list(keys), list(values), mask, memory, self._copy_source(source_ids))
+        return Seq2SeqCache(self_attn, list(keys), list(values), mask, memory, self._require_source_ids(source_ids))
 
     def decode(self, decoder_input_ids: Tensor, memory: Tensor | None = None,
                attention_mask: Tensor | None = None, *, cache: Seq2SeqCache | None = None,
@@ -312,7 +312,7 @@ class Seq2SeqLM(nn.Module):
             cache_kv = [block.cross_attn.memory_kv(memory) for block in self.decoder_blocks]
             source_mask = attention_mask.bool() if attention_mask is not None else None
             if self.pointer is not None:
-                source_ids = self._copy_source(source_ids)
+                source_ids = self._require_source_ids(source_ids)
         else:
             cache_kv = list(zip(cache.cross_keys, cache.cross_values))
             source_mask = cache.source_mask
@@ -342,7 +342,7 @@ class Seq2SeqLM(nn.Module):
             return logits
         return self.pointer(states, logits, memory, source_ids, source_mask)
 
-    def _copy_source(self, source_ids: Tensor | None) -> Tensor:
+    def _require_source_ids(self, source_ids: Tensor | None) -> Tensor:
         if source_ids is None:
             raise ValueError("a pointer-generator model copies from its source: pass source_ids")
         return source_ids

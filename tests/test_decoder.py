@@ -238,3 +238,30 @@ def test_bf16_decoding_through_fp32_attention_equals_the_full_forward(position, 
         steps += [model(ids[:, t:t + 1], cache=cache)[:, -1] for t in range(8, 12)]
     assert len(calls) == 4 * model.config.n_layer
     assert_close(torch.stack(steps[1:], 1).float(), full[:, 8:12], atol=0.05 * full.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_batch_one_bf16_decoding_takes_torch_kernels_with_the_same_logits(position, monkeypatch):
+    """Single-token bf16 passes run without oneDNN (see ``single_token_kernels``); prefill keeps it,
+    and the logits are those of the oneDNN kernels."""
+    import contextlib
+
+    from lmforge.models import decoder
+
+    model = tiny(position).to(torch.bfloat16)
+    onednn = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: onednn.append(torch.backends.mkldnn.enabled))
+    ids = torch.randint(0, 50, (1, 12))
+
+    def decode() -> torch.Tensor:
+        cache = KVCache.empty(model.config, 1, 24, torch.device("cpu"), torch.bfloat16)
+        model(ids[:, :8], cache=cache)
+        return torch.stack([model(ids[:, t:t + 1], cache=cache)[:, -1] for t in range(8, 12)]).float()
+
+    with torch.no_grad():
+        switched = decode()
+        monkeypatch.setattr(decoder, "single_token_kernels", lambda *args: contextlib.nullcontext())
+        plain = decode()
+    assert onednn[:5] == [True, False, False, False, False]
+    assert torch.backends.mkldnn.enabled
+    assert_close(switched, plain, atol=0.02 * plain.abs().max().item(), rtol=0)

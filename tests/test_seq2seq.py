@@ -94,6 +94,29 @@ def test_cached_incremental_decoding_equals_the_full_decode(flavour):
         assert_close(step[:, 0], full[[1, 1, 0], 3], atol=1e-5, rtol=1e-5)
 
 
+def test_batch_one_bf16_decoding_takes_torch_kernels_with_the_same_logits(monkeypatch):
+    import contextlib
+
+    from lmforge.models import seq2seq
+
+    model = make_model().to(torch.bfloat16)
+    onednn = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: onednn.append(torch.backends.mkldnn.enabled))
+    src, tgt = torch.randint(3, 40, (1, 9)), torch.randint(3, 40, (1, 6))
+
+    def decode() -> torch.Tensor:
+        cache = model.new_cache(model.encode(src))
+        return torch.cat([model.decode(tgt[:, t:t + 1], cache=cache) for t in range(6)], dim=1).float()
+
+    with torch.no_grad():
+        switched = decode()
+        monkeypatch.setattr(seq2seq, "single_token_kernels", lambda *args: contextlib.nullcontext())
+        plain = decode()
+        model.decode(tgt, cache=model.new_cache(model.encode(src)))  # several tokens: oneDNN on
+    assert onednn == [False] * 6 + [True] * 7
+    assert_close(switched, plain, atol=0.02 * plain.abs().max().item(), rtol=0)
+
+
 @pytest.mark.parametrize("flavour", list(FLAVOURS))
 def test_source_padding_changes_nothing(flavour):
     model = make_model(flavour)

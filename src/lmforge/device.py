@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
+from torch import Tensor
 
 from lmforge.errors import ConfigError
 
@@ -66,3 +68,27 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+@contextlib.contextmanager
+def _onednn_off() -> Iterator[None]:
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def single_token_kernels(tokens: Tensor, weight: Tensor) -> contextlib.AbstractContextManager:
+    """The faster matrix-product kernels for a forward pass over ``tokens`` (B, T) with ``weight``'s
+    dtype (or autocast's): on CPU, a bf16 product of a single row (B * T == 1: batch-1 decoding) runs
+    2-3x faster in torch's own kernels than in oneDNN's, whose set-up costs ~20 us per call (measured
+    in docs/benchmarks.md); both accumulate in fp32 and give the same bits. So oneDNN is switched off
+    for such a pass and on again after. The switch is process-wide: a bf16 product in another thread
+    meanwhile takes the slower path too, with the same result.
+    """
+    if tokens.device.type != "cpu" or tokens.numel() != 1:
+        return contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+    return _onednn_off() if dtype == torch.bfloat16 else contextlib.nullcontext()

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
-from lmforge.device import cpu_has_amx
+from lmforge.device import cpu_has_amx, single_token_kernels
 
 
 # ------------------------------------------------------------------------------------------
@@ -381,12 +381,13 @@ class DecoderLM(nn.Module):
         Returns:
             (B, T, V) logits, or (B, 1, V) with ``last_only`` or ``logits_at``.
         """
-        x = self._trunk(idx, position_ids, attention_mask, cache)  # (B, T, C)
-        if logits_at is not None:
-            x = x[torch.arange(idx.shape[0], device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
-        elif last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        with single_token_kernels(idx, self.lm_head.weight):
+            x = self._trunk(idx, position_ids, attention_mask, cache)  # (B, T, C)
+            if logits_at is not None:
+                x = x[torch.arange(idx.shape[0], device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
+            elif last_only:
+                x = x[:, -1:]
+            return self.lm_head(self.norm(x))
 
     def hidden_states(self, idx: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The final normed states (B, T, C) of token ids (B, T), for task heads (no cache).

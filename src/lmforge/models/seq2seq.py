@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
+from lmforge.device import single_token_kernels
 from lmforge.models.decoder import MLP, Attention, Block, KVCache, make_norm, math_attention, rope_tables
 from lmforge.models.encoder import bidirectional_inputs
 
@@ -324,23 +325,24 @@ class Seq2SeqLM(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f"target of {past + T} tokens exceeds the context of {self.config.block_size}")
         position_ids = torch.arange(past, past + T, device=decoder_input_ids.device).unsqueeze(0)  # (1, T)
-        x, rope = self._embed(decoder_input_ids, position_ids, getattr(self, "dec_pos_emb", None))
-        # Causal self-attention: Attention applies it itself unless T > 1 new tokens follow cached
-        # ones, where the mask must be aligned to the end of the keys.
-        self_mask = None
-        if past and T > 1:
-            self_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)[None, None]
-        for i, block in enumerate(self.decoder_blocks):
-            x = block(x, rope, self_mask, cache.self_attn if cache else None, i, cache_kv[i], cross_mask)
-        if cache is not None:
-            cache.self_attn.advance(T)
-        if last_only:
-            x = x[:, -1:]
-        states = self.norm(x)
-        logits = self.lm_head(states)  # (B, T, V)
-        if self.pointer is None:
-            return logits
-        return self.pointer(states, logits, memory, source_ids, source_mask)
+        with single_token_kernels(decoder_input_ids, self.lm_head.weight):
+            x, rope = self._embed(decoder_input_ids, position_ids, getattr(self, "dec_pos_emb", None))
+            # Causal self-attention: Attention applies it itself unless T > 1 new tokens follow cached
+            # ones, where the mask must be aligned to the end of the keys.
+            self_mask = None
+            if past and T > 1:
+                self_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)[None, None]
+            for i, block in enumerate(self.decoder_blocks):
+                x = block(x, rope, self_mask, cache.self_attn if cache else None, i, cache_kv[i], cross_mask)
+            if cache is not None:
+                cache.self_attn.advance(T)
+            if last_only:
+                x = x[:, -1:]
+            states = self.norm(x)
+            logits = self.lm_head(states)  # (B, T, V)
+            if self.pointer is None:
+                return logits
+            return self.pointer(states, logits, memory, source_ids, source_mask)
 
     def _require_source_ids(self, source_ids: Tensor | None) -> Tensor:
         if source_ids is None:

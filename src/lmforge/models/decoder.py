@@ -381,7 +381,7 @@ class DecoderLM(nn.Module):
         Returns:
             (B, T, V) logits, or (B, 1, V) with ``last_only`` or ``logits_at``.
         """
-        with single_token_kernels(idx, self.lm_head.weight):
+        with single_token_kernels(idx, self.tok_emb.weight):
             x = self._trunk(idx, position_ids, attention_mask, cache)  # (B, T, C)
             if logits_at is not None:
                 x = x[torch.arange(idx.shape[0], device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)

@@ -325,7 +325,7 @@ class Seq2SeqLM(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f"target of {past + T} tokens exceeds the context of {self.config.block_size}")
         position_ids = torch.arange(past, past + T, device=decoder_input_ids.device).unsqueeze(0)  # (1, T)
-        with single_token_kernels(decoder_input_ids, self.lm_head.weight):
+        with single_token_kernels(decoder_input_ids, self.tok_emb.weight):
             x, rope = self._embed(decoder_input_ids, position_ids, getattr(self, "dec_pos_emb", None))
             # Causal self-attention: Attention applies it itself unless T > 1 new tokens follow cached
             # ones, where the mask must be aligned to the end of the keys.

@@ -84,9 +84,9 @@ def single_token_kernels(tokens: Tensor, weight: Tensor) -> contextlib.AbstractC
     """The faster matrix-product kernels for a forward pass over ``tokens`` (B, T) with ``weight``'s
     dtype (or autocast's): on CPU, a bf16 product of a single row (B * T == 1: batch-1 decoding) runs
     2-3x faster in torch's own kernels than in oneDNN's, whose set-up costs ~20 us per call (measured
-    in docs/benchmarks.md); both accumulate in fp32 and give the same bits. So oneDNN is switched off
-    for such a pass and on again after. The switch is process-wide: a bf16 product in another thread
-    meanwhile takes the slower path too, with the same result.
+    in docs/benchmarks.md); both accumulate in fp32 (bit-identical outputs where measured). So oneDNN
+    is switched off for such a pass and on again after. The switch is process-wide: a bf16 product in
+    another thread meanwhile takes the slower path too, with the same result.
     """
     if tokens.device.type != "cpu" or tokens.numel() != 1:
         return contextlib.nullcontext()

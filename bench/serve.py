@@ -23,6 +23,10 @@ The load generator runs on the same machine as the server, and competes with it 
 
     python bench/serve.py [--dtype bf16|fp32] [--concurrency 1,4,16,32] [--requests N] [--max-tokens 64]
                           [--checkpoint PATH] [--workdir DIR] [--json OUT] [--no-baseline]
+                          [--prefix-cache-tokens N]
+
+The 8 prompts repeat, so with the servers' default prefix caching most prompts are found cached (as
+repeated system prompts are); ``--prefix-cache-tokens 0`` measures every prompt computed in full.
 
 ``--dtype bf16`` is the throughput setting on a CPU with native bf16 (docs/benchmarks.md has both).
     python bench/serve.py --quick          # smoke run: a tiny model, few requests (~15 s)
@@ -120,7 +124,8 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve(checkpoint: Path, workdir: Path, name: str, max_batch_size: int, dtype: str) -> Iterator[Server]:
+def serve(checkpoint: Path, workdir: Path, name: str, max_batch_size: int, dtype: str,
+          prefix_cache_tokens: int | None = None) -> Iterator[Server]:
     """``lmforge serve`` in a subprocess on a free loopback port, ready (``/health`` 200); yields it and
     stops it (terminate, then kill) however the block ends. Its output goes to ``workdir/NAME.log``."""
     port = free_port()
@@ -128,6 +133,8 @@ def serve(checkpoint: Path, workdir: Path, name: str, max_batch_size: int, dtype
     command = [sys.executable, "-m", "lmforge", "serve", str(checkpoint), "--port", str(port), "--device", "cpu",
                "--dtype", dtype, "--max-batch-size", str(max_batch_size), "--max-queue", "256",
                "--request-log", str(workdir / f"{name}-requests.sqlite3")]
+    if prefix_cache_tokens is not None:
+        command += ["--prefix-cache-tokens", str(prefix_cache_tokens)]
     with open(log_path, "w") as log:
         # its own session: a Ctrl-C reaches only this script, which then stops the server itself
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -334,7 +341,7 @@ def measure(checkpoint: Path, workdir: Path, name: str, max_batch_size: int, lev
     """Start one server, warm it up with one request, and run every concurrency level against it."""
     bodies = lambda count: request_bodies(prompts, count, args.max_tokens, args.temperature)
     rows = []
-    with serve(checkpoint, workdir, name, max_batch_size, args.dtype) as server:
+    with serve(checkpoint, workdir, name, max_batch_size, args.dtype, args.prefix_cache_tokens) as server:
         warmup = timed_load(server, name, bodies(1), 1)
         if warmup["errors"]:
             raise RuntimeError(f"the warm-up request failed: {warmup['error_messages'][0]}")
@@ -360,6 +367,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--dtype", default="fp32", help="the servers' --dtype")
     parser.add_argument("--no-baseline", action="store_true", help="skip the one-at-a-time server")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=None, metavar="N",
+                        help="the servers' --prefix-cache-tokens (0: no prefix caching; default: theirs)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, few requests, 1,4,16 clients")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write every number (and request) here")
     args = parser.parse_args()

@@ -355,6 +355,15 @@ def test_stop_cancels_unfinished_requests_and_a_failed_step_reaches_its_clients(
             handle.result(timeout=10)
         assert engine.num_running == 0
 
+    # requests admitted together but prefilled in separate groups: all of them get the error
+    engine = Engine(broken, tok, max_batch_size=4)
+    handles = [engine.submit(tok.encode(p), greedy(5)) for p in ("q", "How vexingly quick daft zebras")]
+    with pytest.raises(TypeError):
+        engine.step()
+    for h in handles:
+        with pytest.raises(TypeError):
+            h.result(timeout=1)
+
 
 def reference_greedy(model: DecoderLM, prompt: list[int], steps: int, presence: float = 0.0,
                      frequency: float = 0.0) -> tuple[list[int], list[torch.Tensor]]:

@@ -49,6 +49,9 @@ def test_metrics_count_requests_tokens_and_latencies(lm):
     assert after[("lmforge_requests_total", (("endpoint", "/v1/completions"), ("outcome", "client_error")))] == 1
     assert after[("lmforge_requests_total", (("endpoint", "/v1/chat/completions"), ("outcome", "client_error")))] == 1
     assert after[("lmforge_prompt_tokens_total", ())] == sum(u["prompt_tokens"] for u in usages)
+    # the second request repeats the first one's prompt: its whole 16-token blocks (but the last token)
+    # came from the prefix cache
+    assert after[("lmforge_prefix_cache_hit_tokens_total", ())] == (usages[1]["prompt_tokens"] - 1) // 16 * 16 == 16
     assert after[("lmforge_generation_tokens_total", ())] == sum(u["completion_tokens"] for u in usages) == 21
     assert after[("lmforge_time_to_first_token_seconds_count", ())] == 3
     assert after[("lmforge_inter_token_latency_seconds_count", ())] == 21 - 3

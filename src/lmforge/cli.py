@@ -204,6 +204,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError(f"--port must be between 0 and 65535, not {args.port}")
     if args.max_batch_size < 1 or args.max_queue < 1:
         raise ConfigError("--max-batch-size and --max-queue must be >= 1")
+    if args.prefix_cache_tokens is not None and args.prefix_cache_tokens < 0:
+        raise ConfigError("--prefix-cache-tokens must be >= 0 (0 turns prefix caching off), "
+                          f"not {args.prefix_cache_tokens}")
     if args.request_timeout is not None and args.request_timeout <= 0:
         raise ConfigError(f"--request-timeout must be > 0 seconds, not {args.request_timeout}")
     if args.max_body_size < 1024:
@@ -227,6 +230,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     app = create_app(lambda: LanguageModel.load(checkpoint, device=args.device, dtype=args.dtype),
                      api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                     prefix_cache_tokens=args.prefix_cache_tokens,
                      model_name=checkpoint.resolve().name, request_timeout=args.request_timeout,
                      max_body_bytes=args.max_body_size, request_log=log, on_load_error=stop_on_failure)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
@@ -533,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="requests waiting beyond the batch; more get 429")
+    p.add_argument("--prefix-cache-tokens", type=int, default=None, metavar="N",
+                   help="prompt positions whose keys and values are kept, so that prompts starting the same way "
+                        "(system prompts, chat history) skip recomputing them; 0 turns it off (default: half "
+                        "the batch's context, max-batch-size x context / 2)")
     p.add_argument("--request-timeout", type=float, default=None, metavar="S",
                    help="stop a generation running longer than S seconds with a 408 (default: no limit)")
     p.add_argument("--max-body-size", type=int, default=1 << 20, metavar="BYTES",

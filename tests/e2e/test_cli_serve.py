@@ -68,6 +68,7 @@ def test_serve_errors_are_one_line(trained_run, tmp_path):
     assert_clean_error(lmforge("serve", tmp_path / "missing"), "does not exist")
     assert_clean_error(lmforge("serve", trained_run, "--port", "70000"), "--port")
     assert_clean_error(lmforge("serve", trained_run, "--max-batch-size", "0"), "--max-batch-size")
+    assert_clean_error(lmforge("serve", trained_run, "--prefix-cache-tokens", "-1"), "--prefix-cache-tokens")
     assert_clean_error(lmforge("serve", trained_run, "--dtype", "fp8"), "dtype must be auto, fp32, bf16 or fp16")
     assert_clean_error(lmforge("serve", trained_run, "--request-timeout", "0"), "--request-timeout")
     assert_clean_error(lmforge("serve", trained_run, "--max-body-size", "10"), "--max-body-size")

@@ -53,7 +53,8 @@ _PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsa
 
 
 def create_app(model: LanguageModel | Callable[[], LanguageModel], *, api_key: str | None = None,
-               max_batch_size: int = 8, max_queue: int = 64, model_name: str | None = None,
+               max_batch_size: int = 8, max_queue: int = 64, prefix_cache_tokens: int | None = None,
+               model_name: str | None = None,
                request_timeout: float | None = None, max_body_bytes: int = 1 << 20,
                request_log: RequestLog | None = None,
                on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
@@ -66,6 +67,8 @@ def create_app(model: LanguageModel | Callable[[], LanguageModel], *, api_key: s
             ``Authorization: Bearer <api_key>``.
         max_batch_size: most requests decoded together.
         max_queue: most requests waiting for a slot; more are refused with 429.
+        prefix_cache_tokens: most prompt positions kept for prefix caching (0: none; None: the engine's
+            default, see :class:`~lmforge.inference.engine.Engine`).
         model_name: the model id clients see (default: the checkpoint directory's name).
         request_timeout: seconds a generation may take before it is stopped with a 408 (None: no limit).
         max_body_bytes: larger request bodies are refused with 413.
@@ -78,6 +81,10 @@ def create_app(model: LanguageModel | Callable[[], LanguageModel], *, api_key: s
     server = ServerState(name=model_name, api_key=api_key, request_timeout=request_timeout,
                          max_body_bytes=max_body_bytes, request_log=request_log, created=int(time.time()))
 
+    def make_engine(lm: LanguageModel) -> Engine:
+        return Engine(lm.model, lm.tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
+                      prefix_cache_tokens=prefix_cache_tokens)
+
     def publish(lm: LanguageModel, engine: Engine) -> None:
         server.metrics.watch(engine)
         task_model = tasks.PromptTasks if engine_decodes(lm) else tasks.CheckpointTasks
@@ -88,7 +95,7 @@ def create_app(model: LanguageModel | Callable[[], LanguageModel], *, api_key: s
         all the computing (see :meth:`Engine.call`)."""
         try:
             lm = model()
-            engine = Engine(lm.model, lm.tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+            engine = make_engine(lm)
         except Exception as exc:
             server.load_error = str(exc)
             logger.error("the model could not be loaded: %s", exc)
@@ -107,7 +114,7 @@ def create_app(model: LanguageModel | Callable[[], LanguageModel], *, api_key: s
         loop = asyncio.get_running_loop()
         server.relay = EventRelay(loop)
         if isinstance(model, LanguageModel):
-            engine = Engine(model.model, model.tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+            engine = make_engine(model)
             engine.start()
             publish(model, engine)
         else:

@@ -40,6 +40,8 @@ class ServerMetrics:
         self.inter_token_latency = Histogram("lmforge_inter_token_latency_seconds", "Time between successive "
                                              "tokens of a generation", buckets=_TOKEN_BUCKETS, registry=r)
         self.prompt_tokens = Counter("lmforge_prompt_tokens", "Prompt tokens of finished generations", registry=r)
+        self.cached_prompt_tokens = Counter("lmforge_prefix_cache_hit_tokens", "Prompt tokens of finished "
+                                            "generations taken from the prefix cache", registry=r)
         self.generation_tokens = Counter("lmforge_generation_tokens", "Tokens generated", registry=r)
 
     def watch(self, engine: Engine) -> None:
@@ -57,6 +59,7 @@ class ServerMetrics:
         for before, after in zip(result.token_times, result.token_times[1:]):
             self.inter_token_latency.observe(after - before)
         self.prompt_tokens.inc(result.prompt_tokens)
+        self.cached_prompt_tokens.inc(result.cached_tokens)
         self.generation_tokens.inc(result.completion_tokens)
 
     def record_request(self, endpoint: str, outcome: str, latency: float) -> None:

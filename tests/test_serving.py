@@ -47,8 +47,31 @@ def test_completion_greedy_equals_the_python_api_and_usage_is_exact(client, lm):
     [choice] = body["choices"]
     assert choice["text"] == expected.text and choice["finish_reason"] == expected.finish_reason
     prompt_tokens = len(lm.encode_prompt(PROMPT)[0])
+    cached = body["usage"].pop("prompt_tokens_details")["cached_tokens"]
+    assert cached in (0, 16)  # 16 if an earlier test sent the same prompt
     assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": len(expected.token_ids),
                              "total_tokens": prompt_tokens + len(expected.token_ids)}
+
+
+def test_usage_reports_the_prompt_tokens_taken_from_the_prefix_cache(lm):
+    prompt = "The quick brown fox jumps over the lazy dog. Pack"  # 49 tokens: 48 can come from the cache
+    request = {"prompt": prompt, "max_tokens": 5, "temperature": 0}
+    with TestClient(create_app(lm, max_batch_size=1)) as c:
+        first = c.post("/v1/completions", json=request).json()
+        second = c.post("/v1/completions", json=request).json()
+        streamed = sse_events(c.post("/v1/completions", json={**request, "stream": True, "n": 2, "stream_options": {
+            "include_usage": True}}).text)[-1]
+        cold = TestClient(create_app(lm, prefix_cache_tokens=0))
+        with cold:
+            off = [cold.post("/v1/completions", json=request).json() for _ in range(2)]
+    assert first["usage"]["prompt_tokens"] == 49
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 48}
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    # n = 2: the prompt is counted once, and so are its cached tokens
+    assert streamed["usage"]["prompt_tokens"] == 49 and streamed["usage"]["prompt_tokens_details"] == {"cached_tokens": 48}
+    assert [o["usage"]["prompt_tokens_details"]["cached_tokens"] for o in off] == [0, 0]
+    assert off[1]["choices"][0]["text"] == first["choices"][0]["text"]
 
 
 def test_streamed_completion_joins_to_the_non_streamed_text(client, lm):

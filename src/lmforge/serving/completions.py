@@ -83,17 +83,21 @@ class _Reply:
     async def send(self, generation: Generation, body: SamplingFields) -> Any:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(generation, include_usage), media_type="text/event-stream",
+            return StreamingResponse(self._stream(generation, include_usage, body.n), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         results = await generation.results()
         completion_tokens = sum(r.completion_tokens for r in results)
         choices = [self._choice(i, r) for i, r in enumerate(results)]
+        cached = sum(r.cached_tokens for r in results[::body.n])
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self._usage(completion_tokens)}
+                "choices": choices, "usage": self._usage(completion_tokens, cached)}
 
-    def _usage(self, completion_tokens: int) -> dict[str, int]:
+    def _usage(self, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+        """OpenAI's usage object; ``cached_tokens``: prompt tokens taken from the prefix cache (counted for
+        each prompt's first choice, as its prompt is counted once)."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
+                "total_tokens": self.prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
     def _choice(self, index: int, result: Result) -> dict[str, Any]:
         logprobs = None if result.logprobs is None else self._logprobs(index, result.logprobs, 0)
@@ -135,14 +139,14 @@ class _Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice],
                 **({"usage": None} if usage else {})}
 
-    async def _stream(self, generation: Generation, include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, generation: Generation, include_usage: bool, n: int) -> AsyncIterator[str]:
         """Text (or chat deltas) as it becomes final, with the log-probabilities of the tokens behind it; a
         last chunk per choice with its ``finish_reason``; with ``include_usage`` a final chunk with empty
         choices and the usage; then ``[DONE]``. An error after the stream began is an error event."""
         count = len(generation.handles)
         pending: list[list[TokenLogprob]] = [[] for _ in range(count)]
         sent_chars = [0] * count
-        completion_tokens = 0
+        completion_tokens = cached_tokens = 0
 
         def logprobs(index: int) -> Any:
             if not pending[index]:
@@ -164,6 +168,8 @@ class _Reply:
                     sent_chars[index] += len(event.text)
                 elif isinstance(event, Result):
                     completion_tokens += event.completion_tokens
+                    if index % n == 0:  # each prompt's first choice
+                        cached_tokens += event.cached_tokens
                     written.append(_sse(self._chunk(index, None if self.kind == "chat" else "", _finish(event),
                                                     logprobs(index), usage=include_usage)))
                 if written and not generation.backlog():
@@ -174,7 +180,7 @@ class _Reply:
             if include_usage:
                 yield _sse({"id": self.id, "object": "text_completion" if self.kind == "completion"
                             else "chat.completion.chunk", "created": self.created, "model": self.model,
-                            "choices": [], "usage": self._usage(completion_tokens)})
+                            "choices": [], "usage": self._usage(completion_tokens, cached_tokens)})
         except APIError as error:
             set_usage(generation.request, error=error.message)
             yield _sse(error.body())

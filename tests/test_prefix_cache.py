@@ -139,6 +139,29 @@ def test_prompts_with_a_cached_beginning_compute_only_the_rest_and_generate_the_
     assert [h.result().token_ids for h in handles] == alone
 
 
+def test_prompts_with_as_many_cached_tokens_are_prefilled_together(tok):
+    model = make_model("llama", tok.vocab_size)
+    lm = LanguageModel(model, tok)
+    prompts = [SHARED + tail for tail in TAILS]
+    alone = [lm.complete(p, temperature=0, max_new_tokens=8)[0].token_ids for p in prompts[1:]]
+    engine = Engine(model, tok, max_batch_size=4)
+    engine.submit(tok.encode(prompts[0]), SamplingConfig(max_new_tokens=2, temperature=0))
+    engine.run_until_idle()
+    forward, shapes = model.forward, []
+    model.forward = lambda ids, **kwargs: shapes.append(tuple(ids.shape)) or forward(ids, **kwargs)
+    try:
+        handles = [engine.submit(tok.encode(p), SamplingConfig(max_new_tokens=8, temperature=0))
+                   for p in prompts[1:]]
+        engine.step()
+    finally:
+        del model.forward
+    # one prefill of the three prompts after their 32 cached tokens (right-padded to the longest), one decode
+    assert shapes == [(3, max(len(p) for p in prompts[1:]) - 32), (3, 1)]
+    engine.run_until_idle()
+    assert [h.result().cached_tokens for h in handles] == [32, 32, 32]
+    assert [h.result().token_ids for h in handles] == alone
+
+
 def test_seeded_sampling_with_a_cached_prefix_equals_without(tok):
     model = make_model("gpt2", tok.vocab_size)
     prompt = tok.encode(SHARED + TAILS[0])

@@ -69,7 +69,8 @@ def test_usage_reports_the_prompt_tokens_taken_from_the_prefix_cache(lm):
     assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 48}
     assert second["choices"][0]["text"] == first["choices"][0]["text"]
     # n = 2: the prompt is counted once, and so are its cached tokens
-    assert streamed["usage"]["prompt_tokens"] == 49 and streamed["usage"]["prompt_tokens_details"] == {"cached_tokens": 48}
+    assert streamed["usage"]["prompt_tokens"] == 49
+    assert streamed["usage"]["prompt_tokens_details"] == {"cached_tokens": 48}
     assert [o["usage"]["prompt_tokens_details"]["cached_tokens"] for o in off] == [0, 0]
     assert off[1]["choices"][0]["text"] == first["choices"][0]["text"]
 

@@ -448,38 +448,38 @@ class Engine:
                     job.set_exception(exc)
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots, oldest first, and prefill them: a prompt whose beginning is
-        in the prefix cache alone, after that beginning; the others with prompts of similar lengths together
-        (right-padded, each straight into its own row of the cache; causal attention keeps the padding out
-        of every real token's sight). Then sample each one's first token."""
+        """Move waiting requests into free slots, oldest first, and prefill them: prompts with as many cached
+        leading tokens (from the prefix cache; maybe none) and of similar lengths together, after those tokens
+        (right-padded, each straight into its own row of the cache; causal attention keeps the padding out of
+        every real token's sight). Then sample each one's first token."""
         with self._cond:
             count = min(self.max_batch_size - len(self._running), len(self._waiting))
             admitted = [self._waiting.popleft() for _ in range(count)]
             for request in admitted:
                 request.state = "running"
-        prefills: list[tuple[list[_Request], PrefixHit | None]] = []
-        uncached = []
+        hits: dict[int, PrefixHit] = {}  # request id -> its cached prefix
+        by_past: dict[int, list[_Request]] = {}  # cached leading tokens -> requests
         for request in admitted:
             hit = None if self.prefix_cache is None else self.prefix_cache.lookup(request.prompt)
-            if hit is None:
-                uncached.append(request)
-            else:
-                prefills.append(([request], hit))
-        prefills += [(group, None) for group in _similar_lengths(uncached)]
-        for done, (group, hit) in enumerate(prefills):
+            if hit is not None:
+                hits[request.id] = hit
+            by_past.setdefault(0 if hit is None else hit.length, []).append(request)
+        prefills = [(group, [hits[r.id] for r in group] if past else None)
+                    for past, requests in by_past.items() for group in _similar_lengths(requests, past)]
+        for done, (group, group_hits) in enumerate(prefills):
             try:
-                self._prefill(group, hit)  # fails its own group's requests if it raises
+                self._prefill(group, group_hits)  # fails its own group's requests if it raises
             except BaseException as exc:
                 for later, _ in prefills[done + 1:]:
                     for request in later:
                         request.fail(exc)
                 raise
 
-    def _prefill(self, group: list[_Request], hit: PrefixHit | None = None) -> None:
-        """Compute ``group``'s prompts into new rows of the cache (after ``hit``'s cached prefix: then the
-        group is one request), keep their prefixes in the prefix cache, and take each one's first token."""
+    def _prefill(self, group: list[_Request], hits: list[PrefixHit] | None = None) -> None:
+        """Compute ``group``'s prompts into new rows of the cache (after their cached prefixes ``hits``, all
+        of one length), keep their prefixes in the prefix cache, and take each one's first token."""
         start, lengths = len(self._running), [len(r.prompt) for r in group]
-        past = 0 if hit is None else hit.length
+        past = hits[0].length if hits else 0
         try:
             ids = torch.zeros((len(group), max(lengths) - past), dtype=torch.long)  # (k, L) right-padded with 0
             for i, request in enumerate(group):
@@ -487,10 +487,11 @@ class Engine:
             last = torch.tensor(lengths) - 1 - past  # (k,) each prompt's last position among ids
             view = self.cache.row_cache(start, len(group))  # (k, Hkv, block_size, D) views of the new rows
             mask = None
-            if hit is not None:  # the first `past` positions come from the prefix cache
-                hit.copy_into(view.keys, view.values)
+            if hits:  # the first `past` positions of every row come from the prefix cache
+                for i, hit in enumerate(hits):
+                    hit.copy_into([k[i:i + 1] for k in view.keys], [v[i:i + 1] for v in view.values])
                 view.length = past
-                mask = torch.ones((1, lengths[0]), dtype=torch.bool, device=self.device)  # causal after them
+                mask = torch.ones((len(group), max(lengths)), dtype=torch.bool, device=self.device)  # causal
             logits = self.model(ids.to(self.device), attention_mask=mask, cache=view,
                                 logits_at=last.to(self.device))[:, -1]  # (k, V)
             admitted = time.perf_counter()
@@ -613,14 +614,15 @@ class Engine:
                     self.cache.rows = 0
 
 
-def _similar_lengths(requests: list[_Request], waste: float = 1.5) -> list[list[_Request]]:
-    """Requests grouped for batched prefill: sorted by prompt length, a group grows while its padded size
-    stays within ``waste`` times its real tokens (on a CPU a batch of short prompts costs far less than
-    prefilling them one by one; padding long ones would cost more than it saves)."""
+def _similar_lengths(requests: list[_Request], past: int = 0, waste: float = 1.5) -> list[list[_Request]]:
+    """Requests grouped for batched prefill of their prompts after the first ``past`` tokens: sorted by
+    length, a group grows while its padded size stays within ``waste`` times its real tokens (on a CPU a
+    batch of short prompts costs far less than prefilling them one by one; padding long ones would cost
+    more than it saves)."""
     groups: list[list[_Request]] = []
     real = 0
     for request in sorted(requests, key=lambda r: len(r.prompt)):
-        length = len(request.prompt)
+        length = len(request.prompt) - past
         if groups and (len(groups[-1]) + 1) * length <= waste * (real + length):
             groups[-1].append(request)
             real += length

@@ -9,8 +9,9 @@ keeps up to ``max_batch_size`` of them *running*, each in its own row ("slot") o
    the running rows stay packed at the front of the cache);
 2. **admit** waiting requests, oldest first, into free slots: a prompt that begins like a recent one
    takes that beginning's keys and values from the :class:`~lmforge.inference.prefix_cache.PrefixCache`
-   and computes only the rest; other prompts of similar lengths are prefilled together (right-padded)
-   straight into their slots' rows of the cache; each first token is sampled from the prefill's logits;
+   and computes only the rest; prompts with as many cached tokens (maybe none) and of similar lengths
+   are prefilled together (right-padded) straight into their slots' rows of the cache; each first
+   token is sampled from the prefill's logits;
 3. **decode** ONE batched step: every running sequence feeds its last token at its own position
    (rows have different lengths; the attention mask hides each row's unused cache positions), each
    row is sampled with its own options (greedy, top-k, top-p, min-p, repetition penalty, its own

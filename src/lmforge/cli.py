@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,17 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     from lmforge.tokenizer import Tokenizer
 
     files = expand_inputs(args.input)
-    tokenizer = Tokenizer.train(iter_texts(files, args.text_field), kind=args.kind, vocab_size=args.vocab_size,
+    characters = 0  # of non-blank text read (a byte-level BPE has its 256 byte tokens even without any)
+
+    def texts() -> Iterator[str]:
+        nonlocal characters
+        for text in iter_texts(files, args.text_field):
+            characters += len(text.strip())
+            yield text
+
+    tokenizer = Tokenizer.train(texts(), kind=args.kind, vocab_size=args.vocab_size,
                                 show_progress=sys.stderr.isatty())
-    if tokenizer.vocab_size <= len(tokenizer.special):
+    if not characters:
         raise DataError(f"the input ({len(files)} file(s)) holds no text to train a tokenizer on")
     tokenizer.save(args.out)
     print(f"trained a {args.kind} tokenizer with {tokenizer.vocab_size:,} tokens on {len(files)} file(s)")

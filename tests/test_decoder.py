@@ -222,13 +222,19 @@ def test_single_query_attention_equals_fp32_attention_on_bf16_inputs(heads):
 
 
 @pytest.mark.parametrize("position", ["learned", "rope"])
-def test_bf16_decoding_through_fp32_attention_equals_the_full_forward(position, monkeypatch):
+@pytest.mark.parametrize("path", ["single_query_attention", "decode_attention"])
+def test_bf16_decoding_through_fp32_attention_equals_the_full_forward(position, path, monkeypatch):
+    """Both fp32 decoding paths for bf16 models: torch's kernel on upcast copies, and the C kernel."""
     from lmforge.models import decoder
 
     calls = []
-    original = decoder.single_query_attention
-    monkeypatch.setattr(decoder, "UPCAST_KEYS", 0)  # every decoding step takes the upcast path
-    monkeypatch.setattr(decoder, "single_query_attention", lambda *a: calls.append(1) or original(*a))
+    original = getattr(decoder, path)
+    if path == "single_query_attention":
+        monkeypatch.setattr(decoder, "kernel_available", lambda dtype: False)
+        monkeypatch.setattr(decoder, "UPCAST_KEYS", 0)  # every decoding step takes the upcast path
+    elif not decoder.kernel_available(torch.bfloat16):
+        pytest.skip("no C compiler for the native kernel")
+    monkeypatch.setattr(decoder, path, lambda *a, **kw: calls.append(1) or original(*a, **kw))
     model = tiny(position).to(torch.bfloat16)
     ids = torch.randint(0, 50, (2, 12))
     with torch.no_grad():

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.device import cpu_has_amx, single_token_kernels
+from lmforge.models.cpu_attention import decode_attention, kernel_available
 
 
 # ------------------------------------------------------------------------------------------
@@ -68,6 +69,13 @@ class KVCache:
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def decode_lengths(self, mask: Tensor | None) -> Tensor | None:
+        """(B,) int64: how many positions each row attends to in a one-token step (the new one stored),
+        when that is all the step's ``mask`` says (no mask); None otherwise (e.g. left padding)."""
+        if mask is not None:
+            return None
+        return torch.full((self.keys[0].shape[0],), self.length + 1, dtype=torch.long, device=self.keys[0].device)
 
     def select(self, rows: Tensor) -> None:
         """Keep only batch ``rows`` (e.g. for beam search or dropping finished sequences)."""
@@ -152,6 +160,11 @@ class SlotKVCache:
         self.values[layer][rows, :, self.positions[:B]] = v[:, :, 0]
         end = self.length + 1
         return self.keys[layer][:B, :, :end], self.values[layer][:B, :, :end]
+
+    def decode_lengths(self, mask: Tensor | None) -> Tensor:
+        """(rows,) int64: row r attends to its ``lengths[r]`` filled positions and the new one (the step's
+        ``mask``, from :meth:`decode_inputs`, says exactly that)."""
+        return self.positions[:self.rows] + 1
 
     def advance(self, T: int) -> None:
         """Count the token just stored in every row."""
@@ -241,6 +254,19 @@ def single_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     return y.to(q.dtype)
 
 
+def native_decode_lengths(q: Tensor, cache: KVCache | SlotKVCache, layer: int, mask: Tensor | None) -> Tensor | None:
+    """For a one-token step (q: (B, H, 1, D)) that the C kernel of :mod:`lmforge.models.cpu_attention` can
+    take (CPU, no gradient, a compiler, a contiguous cache of q's dtype, a mask that only says how far
+    each row reaches): how many positions each row attends to, (B,) int64. Else None (torch's kernels).
+    """
+    if q.device.type != "cpu" or q.requires_grad or not kernel_available(q.dtype):
+        return None
+    keys, values = cache.keys[layer], cache.values[layer]
+    if keys.dtype != q.dtype or not keys.is_contiguous() or not values.is_contiguous():
+        return None
+    return cache.decode_lengths(mask)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads and an optional KV cache; causal unless
     ``causal=False`` (the bidirectional encoders of the encoder and seq2seq families)."""
@@ -261,6 +287,9 @@ class Attention(nn.Module):
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None and T == 1 and (lengths := native_decode_lengths(q, cache, layer, mask)) is not None:
+            # store the new key/value and attend in one call of the C kernel: (B, 1, C)
+            return self.o_proj(decode_attention(q, cache.keys[layer], cache.values[layer], lengths, new=(k, v)))
         if cache is not None:
             k, v = cache.store(layer, k, v)  # (B, Hkv, S, D)
         # Without an explicit mask: causal over the new tokens, or (one new token) attend to all.

@@ -126,3 +126,17 @@ def test_switched_off_by_the_environment(monkeypatch):
         monkeypatch.delenv("LMFORGE_NATIVE_KERNELS")
         cpu_attention._library.cache_clear()
     assert kernel_available(torch.float32)
+
+
+def test_without_a_compiler_decoding_takes_torchs_kernels(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))  # nothing compiled there yet
+    cpu_attention._library.cache_clear()
+    try:
+        assert not kernel_available(torch.bfloat16)
+        sampling = SamplingConfig(max_new_tokens=5, temperature=0)
+        steps = TokenGenerator(tiny_model(torch.bfloat16), [[5, 17, 42]], sampling, None)
+        assert len(list(steps)) == 5
+    finally:
+        cpu_attention._library.cache_clear()
+    assert not (tmp_path / "cache").exists()

@@ -66,13 +66,14 @@ static inline __attribute__((always_inline)) void store(void *p, int64_t i, floa
 }
 
 /* Strides are in elements. q: (B, H, D) with strides (q_sb, q_sh, 1); k_new, v_new (or NULL): (B, Hkv, D)
- * with strides (kn_sb, kn_sh, 1) and (vn_sb, vn_sh, 1); k, v: (B, Hkv, S, D) with strides (kv_sb, kv_sh, kv_ss, 1); out:
- * (B, H, D) contiguous. Inlined into each caller below with constant `bf16` and `dim`, so every (type,
- * head size) pair gets its own specialised loops. */
+ * with strides (kn_sb, kn_sh, 1) and (vn_sb, vn_sh, 1); k, v: (B, Hkv, S, D) with strides (kv_sb, kv_sh,
+ * kv_ss, 1); out: (B, H, D) contiguous. Inlined into each caller below with constant `bf16` and `dim`, so
+ * every (type, head size) pair gets its own specialised loops. */
 static inline __attribute__((always_inline)) void attend(
         const void *q, int64_t q_sb, int64_t q_sh, const void *k_new, int64_t kn_sb, int64_t kn_sh,
-        const void *v_new, int64_t vn_sb, int64_t vn_sh, void *k, void *v, int64_t kv_sb, int64_t kv_sh, int64_t kv_ss, const int64_t *lengths,
-        void *out, int64_t B, int64_t H, int64_t Hkv, int64_t max_len, int threads, int bf16, const int64_t dim) {
+        const void *v_new, int64_t vn_sb, int64_t vn_sh, void *k, void *v, int64_t kv_sb, int64_t kv_sh,
+        int64_t kv_ss, const int64_t *lengths, void *out, int64_t B, int64_t H, int64_t Hkv, int64_t max_len,
+        int threads, int bf16, const int64_t dim) {
     const int64_t group = H / Hkv;
     const float scale = 1.f / sqrtf((float)dim);
     const size_t size = bf16 ? 2 : 4;
@@ -81,7 +82,8 @@ static inline __attribute__((always_inline)) void attend(
         if (k_new != NULL) {
             #pragma omp for schedule(static)
             for (int64_t bg = 0; bg < B * Hkv; bg++) {  /* then a barrier: every head reads the new keys */
-                const int64_t b = bg / Hkv, g = bg % Hkv, at = b * kv_sb + g * kv_sh + (lengths[b] - 1) * kv_ss;
+                const int64_t b = bg / Hkv, g = bg % Hkv;
+                const int64_t at = b * kv_sb + g * kv_sh + (lengths[b] - 1) * kv_ss;
                 memcpy((char *)k + at * size, (const char *)k_new + (b * kn_sb + g * kn_sh) * size, dim * size);
                 memcpy((char *)v + at * size, (const char *)v_new + (b * vn_sb + g * vn_sh) * size, dim * size);
             }
@@ -137,14 +139,15 @@ static inline __attribute__((always_inline)) void attend(
     }
 }
 
-#define ATTEND(BF16, DIM) attend(q, q_sb, q_sh, k_new, kn_sb, kn_sh, v_new, vn_sb, vn_sh, k, v, kv_sb, kv_sh, kv_ss, \
-                                 lengths, out, B, H, Hkv, max_len, threads, BF16, DIM)
+#define ATTEND(BF16, DIM) attend(q, q_sb, q_sh, k_new, kn_sb, kn_sh, v_new, vn_sb, vn_sh, k, v, kv_sb, kv_sh, \
+                                 kv_ss, lengths, out, B, H, Hkv, max_len, threads, BF16, DIM)
 
 /* The entry point (ctypes): `bf16` is 1 for bf16 elements, 0 for fp32. */
 void lmforge_decode_attention(const void *q, int64_t q_sb, int64_t q_sh, const void *k_new, int64_t kn_sb,
-                              int64_t kn_sh, const void *v_new, int64_t vn_sb, int64_t vn_sh, void *k, void *v, int64_t kv_sb, int64_t kv_sh,
-                              int64_t kv_ss, const int64_t *lengths, void *out, int64_t B, int64_t H, int64_t Hkv,
-                              int64_t D, int64_t max_len, int threads, int bf16) {
+                              int64_t kn_sh, const void *v_new, int64_t vn_sb, int64_t vn_sh, void *k, void *v,
+                              int64_t kv_sb, int64_t kv_sh, int64_t kv_ss, const int64_t *lengths, void *out,
+                              int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t max_len, int threads,
+                              int bf16) {
     if (bf16) {
         switch (D) {
             case 32: ATTEND(1, 32); return;

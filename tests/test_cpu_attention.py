@@ -140,3 +140,11 @@ def test_without_a_compiler_decoding_takes_torchs_kernels(monkeypatch, tmp_path)
     finally:
         cpu_attention._library.cache_clear()
     assert not (tmp_path / "cache").exists()
+
+
+def test_never_writes_outside_the_cache():
+    keys, values = torch.zeros(2, 1, 4, 32), torch.zeros(2, 1, 4, 32)
+    q, new = torch.randn(2, 1, 1, 32), torch.ones(2, 1, 1, 32)
+    decode_attention(q, keys, values, torch.tensor([5, 4]), new=(new, new))  # row 0's position 4 is past S = 4
+    assert keys[0].sum() == 0  # not written (its position 4 would be row 1's position 0)
+    assert keys[1, 0, :3].sum() == 0 and torch.equal(keys[1, 0, 3], torch.ones(32))

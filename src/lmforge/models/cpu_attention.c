@@ -83,6 +83,7 @@ static inline __attribute__((always_inline)) void attend(
             #pragma omp for schedule(static)
             for (int64_t bg = 0; bg < B * Hkv; bg++) {  /* then a barrier: every head reads the new keys */
                 const int64_t b = bg / Hkv, g = bg % Hkv;
+                if (lengths[b] < 1 || lengths[b] > max_len) continue;  /* never write outside the cache */
                 const int64_t at = b * kv_sb + g * kv_sh + (lengths[b] - 1) * kv_ss;
                 memcpy((char *)k + at * size, (const char *)k_new + (b * kn_sb + g * kn_sh) * size, dim * size);
                 memcpy((char *)v + at * size, (const char *)v_new + (b * vn_sb + g * vn_sh) * size, dim * size);
@@ -92,7 +93,8 @@ static inline __attribute__((always_inline)) void attend(
         float query[dim], acc[dim];
         #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; bh++) {
-            const int64_t b = bh / H, h = bh % H, n = lengths[b];
+            const int64_t b = bh / H, h = bh % H;
+            const int64_t n = lengths[b] < 0 ? 0 : lengths[b] > max_len ? max_len : lengths[b];
             const int64_t kv = b * kv_sb + (h / group) * kv_sh;
             for (int64_t d = 0; d < dim; d++) {
                 query[d] = load(q, b * q_sb + h * q_sh + d, bf16) * scale;

@@ -50,9 +50,9 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, lengths: Tensor,
 
     q: (B, H, 1, D), any strides with contiguous D; keys, values: (N >= B, Hkv, S, D) contiguous cache
     tensors of q's dtype (rows past B are not touched); lengths: (B,) int64 on the CPU, 1 <= lengths[b]
-    <= S; ``new``: the step's (B, Hkv, 1, D) key and value, written at position ``lengths[b] - 1`` of
-    each row first (else they must be there already). Returns (B, 1, H * D), contiguous. Needs
-    :func:`kernel_available`.
+    <= S (the kernel clamps them into [0, S] and never writes outside the cache); ``new``: the step's
+    (B, Hkv, 1, D) key and value, written at position ``lengths[b] - 1`` of each row first (else they
+    must be there already). Returns (B, 1, H * D), contiguous. Needs :func:`kernel_available`.
     """
     B, H, _, D = q.shape
     k_new, v_new = new if new is not None else (None, None)

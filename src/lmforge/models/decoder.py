@@ -72,8 +72,9 @@ class KVCache:
 
     def decode_lengths(self, mask: Tensor | None) -> Tensor | None:
         """(B,) int64: how many positions each row attends to in a one-token step (the new one stored),
-        when that is all the step's ``mask`` says (no mask); None otherwise (e.g. left padding)."""
-        if mask is not None:
+        when that is all the step's ``mask`` says (no mask) and the cache has room; None otherwise (e.g.
+        left padding)."""
+        if mask is not None or self.length >= self.max_len:
             return None
         return torch.full((self.keys[0].shape[0],), self.length + 1, dtype=torch.long, device=self.keys[0].device)
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig, SamplingConfig
 from lmforge.inference.engine import Engine
 from lmforge.inference.generate import TokenGenerator
-from lmforge.models import cpu_attention
+from lmforge.models import cpu_attention, native
 from lmforge.models.cpu_attention import decode_attention, kernel_available
 from lmforge.models.decoder import DecoderLM
 from lmforge.tokenizer import Tokenizer
@@ -117,28 +117,33 @@ def test_the_engine_decodes_through_the_kernel(monkeypatch):
     assert calls and set(calls) == {3} and len(calls) == 5 * model.config.n_layer
 
 
+def _clear_caches():
+    native.load.cache_clear()
+    cpu_attention._library.cache_clear()
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("LMFORGE_NATIVE_KERNELS", "0")
-    cpu_attention._library.cache_clear()
+    _clear_caches()
     try:
         assert not kernel_available(torch.float32)
     finally:
         monkeypatch.delenv("LMFORGE_NATIVE_KERNELS")
-        cpu_attention._library.cache_clear()
+        _clear_caches()
     assert kernel_available(torch.float32)
 
 
 def test_without_a_compiler_decoding_takes_torchs_kernels(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))  # nothing compiled there yet
-    cpu_attention._library.cache_clear()
+    _clear_caches()
     try:
         assert not kernel_available(torch.bfloat16)
         sampling = SamplingConfig(max_new_tokens=5, temperature=0)
         steps = TokenGenerator(tiny_model(torch.bfloat16), [[5, 17, 42]], sampling, None)
         assert len(list(steps)) == 5
     finally:
-        cpu_attention._library.cache_clear()
+        _clear_caches()
     assert not (tmp_path / "cache").exists()
 
 

@@ -6,36 +6,22 @@ fp32 detour costs copies of every cached key and value (measured in docs/benchma
 reads the cache in place, in bf16 or fp32, computes in fp32, and reads only each row's own positions,
 so a row's result does not depend on the rest of the batch (bit-identical alone or batched).
 
-The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``; ``-O3
--march=native``, OpenMP when the compiler has it) into ``$LMFORGE_CACHE_DIR`` (default
-``~/.cache/lmforge``), keyed by the source, the compiler and the CPU, and loaded with ctypes. Without a
-compiler (or with ``LMFORGE_NATIVE_KERNELS=0``) :func:`kernel_available` is False and the models use
-torch's kernels.
+The C file is compiled on first use (:mod:`lmforge.models.native`). Without a compiler (or with
+``LMFORGE_NATIVE_KERNELS=0``) :func:`kernel_available` is False and the models use torch's kernels.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lmforge.fileio import atomic_path
+from lmforge.models import native
 
 __all__ = ["decode_attention", "kernel_available"]
 
-logger = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("cpu_attention.c")
 SUPPORTED = {torch.bfloat16: 1, torch.float32: 0}  # element dtype -> the kernel's `bf16` flag
 
 
@@ -79,12 +65,8 @@ def _pointer_and_strides(t: Tensor | None) -> tuple[int | None, int, int]:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("LMFORGE_NATIVE_KERNELS", "1") == "0":
-        return None
-    try:
-        library = ctypes.CDLL(str(_compiled()))
-    except (OSError, subprocess.SubprocessError) as exc:
-        logger.info("native decoding attention unavailable (%s); using torch's kernels", exc)
+    library = native.load("cpu_attention")
+    if library is None:
         return None
     function = library.lmforge_decode_attention
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -92,40 +74,3 @@ def _library() -> ctypes.CDLL | None:
                          pointer, pointer, i64, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int]
     function.restype = None
     return library
-
-
-def _compiled() -> Path:
-    """The shared library built from ``SOURCE`` for this compiler and CPU: built (atomically) if missing."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        raise OSError("no C compiler found ($CC or cc)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("LMFORGE_CACHE_DIR", Path.home() / ".cache" / "lmforge")) / "kernels"
-    library = cache / f"cpu_attention-{key}.so"
-    if library.exists():
-        return library
-    cache.mkdir(parents=True, exist_ok=True)
-    base = [compiler, "-O3", "-march=native", "-fPIC", "-shared", str(SOURCE), "-lm"]
-    with tempfile.TemporaryDirectory() as work:
-        built = Path(work) / "cpu_attention.so"
-        for flags in (["-fopenmp"], []):  # without OpenMP (e.g. Apple's clang): one thread
-            result = subprocess.run([*base, *flags, "-o", str(built)], capture_output=True, text=True, timeout=120)
-            if result.returncode == 0:
-                break
-        else:
-            raise OSError(f"compiling {SOURCE.name} failed: {result.stderr.strip()[:300]}")
-        with atomic_path(library) as tmp:
-            shutil.copyfile(built, tmp)
-    logger.info("compiled %s", library)
-    return library
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the machine and, on Linux, the CPU's model and feature flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine() + platform.processor()
-    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
-    return platform.machine() + "".join(sorted(set(lines)))

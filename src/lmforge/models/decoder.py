@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from lmforge.config import ModelConfig
 from lmforge.device import cpu_has_amx, single_token_kernels
 from lmforge.models.cpu_attention import decode_attention, kernel_available
+from lmforge.models.cpu_linear import Linear
 
 
 # ------------------------------------------------------------------------------------------
@@ -277,8 +278,8 @@ class Attention(nn.Module):
         self.causal = causal
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         kv_width = config.n_kv_head * config.head_dim
-        self.qkv_proj = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)
-        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.qkv_proj = Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)
+        self.o_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
@@ -320,10 +321,10 @@ class MLP(nn.Module):
         self.gated = config.mlp == "swiglu"
         self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
         if self.gated:  # gate and up projections in one matrix multiply: (C) -> (2 * hidden)
-            self.gate_up_proj = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=config.bias)
+            self.gate_up_proj = Linear(config.n_embd, 2 * config.intermediate_size, bias=config.bias)
         else:
-            self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+            self.up_proj = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.down_proj = Linear(config.intermediate_size, config.n_embd, bias=config.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
@@ -369,7 +370,7 @@ class DecoderLM(nn.Module):
             self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if config.position == "rope":

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.device import single_token_kernels
+from lmforge.models.cpu_linear import Linear
 from lmforge.models.decoder import MLP, Attention, Block, KVCache, make_norm, math_attention, rope_tables
 from lmforge.models.encoder import bidirectional_inputs
 
@@ -99,9 +100,9 @@ class CrossAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.kv_proj = nn.Linear(config.n_embd, 2 * config.n_kv_head * config.head_dim, bias=config.bias)
-        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.kv_proj = Linear(config.n_embd, 2 * config.n_kv_head * config.head_dim, bias=config.bias)
+        self.o_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
     def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
@@ -207,7 +208,7 @@ class Seq2SeqLM(nn.Module):
         self.encoder_norm = make_norm(config)
         self.decoder_blocks = nn.ModuleList(DecoderBlock(config) for _ in range(self.n_decoder_layer))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.pointer = PointerGenerator(config) if config.pointer_generator else None

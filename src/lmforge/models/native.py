@@ -1,0 +1,76 @@
+"""lmforge's C kernels (``models/*.c``): compiled on first use, cached, and loaded with ctypes.
+
+A kernel's C file is compiled with the system C compiler (``$CC``, else ``cc``; ``-O3 -march=native``,
+OpenMP when the compiler has it, which then shares torch's OpenMP runtime) into
+``$LMFORGE_CACHE_DIR/kernels`` (default ``~/.cache/lmforge/kernels``), keyed by the source, the compiler
+and the CPU, written atomically, and loaded with ctypes. Without a compiler, or with
+``LMFORGE_NATIVE_KERNELS=0``, :func:`load` returns None and the models use torch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from lmforge.fileio import atomic_path
+
+__all__ = ["load"]
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled ``models/NAME.c``, or None where native kernels are off or cannot be built."""
+    if os.environ.get("LMFORGE_NATIVE_KERNELS", "1") == "0":
+        return None
+    try:
+        return ctypes.CDLL(str(_compiled(Path(__file__).with_name(f"{name}.c"))))
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.info("native kernel %s unavailable (%s); using torch's kernels", name, exc)
+        return None
+
+
+def _compiled(source: Path) -> Path:
+    """The shared library built from ``source`` for this compiler and CPU: built (atomically) if missing."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise OSError("no C compiler found ($CC or cc)")
+    code = source.read_bytes()
+    key = hashlib.sha256(code + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("LMFORGE_CACHE_DIR", Path.home() / ".cache" / "lmforge")) / "kernels"
+    library = cache / f"{source.stem}-{key}.so"
+    if library.exists():
+        return library
+    cache.mkdir(parents=True, exist_ok=True)
+    base = [compiler, "-O3", "-march=native", "-fPIC", "-shared", str(source), "-lm"]
+    with tempfile.TemporaryDirectory() as work:
+        built = Path(work) / f"{source.stem}.so"
+        for flags in (["-fopenmp"], []):  # without OpenMP (e.g. Apple's clang): one thread
+            result = subprocess.run([*base, *flags, "-o", str(built)], capture_output=True, text=True, timeout=120)
+            if result.returncode == 0:
+                break
+        else:
+            raise OSError(f"compiling {source.name} failed: {result.stderr.strip()[:300]}")
+        with atomic_path(library) as tmp:
+            shutil.copyfile(built, tmp)
+    logger.info("compiled %s", library)
+    return library
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the machine and, on Linux, the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() + platform.processor()
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    return platform.machine() + "".join(sorted(set(lines)))

@@ -24,6 +24,7 @@
 
 #define MR 4 /* rows of x per tile */
 #define NR 6 /* rows of W per tile: 4 x 6 accumulators + 6 weight registers + 1 for x = 31 of 32 */
+#define PREFETCH_TILES 8 /* weight rows are asked for this many tiles ahead of use */
 #define MIN_MACS_PER_THREAD (1 << 17) /* below this many multiply-adds per thread, fewer threads */
 
 int lmforge_linear_supported(void) {
@@ -64,7 +65,7 @@ static inline __m128 sum4(__m512 p, __m512 q, __m512 r, __m512 s) {
 /* One tile: rows x[0..mr) by weight rows w[0..NR) (pointers; a tile past N repeats a valid row and its
  * sums are not stored), over all K. Writes the mr x NR sums to out. Inlined with a constant mr. */
 static inline __attribute__((always_inline)) void tile(const int mr, const uint16_t *x, int64_t ldx,
-                                                        const uint16_t *const w[NR], int64_t K,
+                                                        const uint16_t *const w[NR], int64_t K, int ahead,
                                                         float out[MR][NR]) { /* sums written in 4s: may fill 2 spare entries */
     __m512 acc[MR][NR];
     for (int i = 0; i < mr; i++)
@@ -73,6 +74,8 @@ static inline __attribute__((always_inline)) void tile(const int mr, const uint1
     for (; k + 32 <= K; k += 32) {
         __m512bh wv[NR];
         for (int j = 0; j < NR; j++) wv[j] = (__m512bh)_mm512_loadu_si512(w[j] + k);
+        if (ahead) /* the weight rows PREFETCH_TILES tiles on (never faults, even past the end) */
+            for (int j = 0; j < NR; j++) __builtin_prefetch(w[j] + k + PREFETCH_TILES * NR * K, 0, 3);
         for (int i = 0; i < mr; i++) {
             const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * ldx + k);
             for (int j = 0; j < NR; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
@@ -113,10 +116,10 @@ static void columns(const uint16_t *x, int64_t ldx, const uint16_t *w, const uin
             const int64_t left = M - m;
             const uint16_t *xm = x + m * ldx;
             switch (left >= MR ? MR : (int)left) { /* constant mr: each call is specialised */
-            case 4: tile(4, xm, ldx, rows, K, sums); break;
-            case 3: tile(3, xm, ldx, rows, K, sums); break;
-            case 2: tile(2, xm, ldx, rows, K, sums); break;
-            default: tile(1, xm, ldx, rows, K, sums); break;
+            case 4: tile(4, xm, ldx, rows, K, m == 0, sums); break;
+            case 3: tile(3, xm, ldx, rows, K, m == 0, sums); break;
+            case 2: tile(2, xm, ldx, rows, K, m == 0, sums); break;
+            default: tile(1, xm, ldx, rows, K, m == 0, sums); break;
             }
             const int mr = left >= MR ? MR : (int)left;
             for (int i = 0; i < mr; i++)

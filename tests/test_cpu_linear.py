@@ -121,6 +121,28 @@ def test_decoding_through_the_kernel_gives_torchs_tokens(monkeypatch):
     assert tokens() == native_tokens and not calls
 
 
+@needs_kernel
+def test_a_decoding_step_runs_torchs_own_operations_on_one_thread():
+    """Inside a small bf16 decoding step torch's ops take one thread and the kernels keep torch's count."""
+    weight = torch.zeros(8, 4, dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            with cpu_linear.decoding_step(torch.zeros(5, 1, dtype=torch.long), weight):
+                assert torch.get_num_threads() == 1 and native.kernel_threads() == 2
+            assert torch.get_num_threads() == 2 and native.kernel_threads() == 2
+            for tokens, w in ((torch.zeros(5, 3, dtype=torch.long), weight),  # a prefill
+                              (torch.zeros(MAX_ROWS + 1, 1, dtype=torch.long), weight),  # too many rows
+                              (torch.zeros(5, 1, dtype=torch.long), weight.float())):  # fp32: torch's products
+                with cpu_linear.decoding_step(tokens, w):
+                    assert torch.get_num_threads() == 2
+        with cpu_linear.decoding_step(torch.zeros(5, 1, dtype=torch.long), weight):  # with gradients
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_without_a_compiler_the_module_takes_torchs_kernels(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "cache"))

@@ -54,7 +54,7 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, lengths: Tensor,
         q.data_ptr(), q.stride(0), q.stride(1),
         *_pointer_and_strides(k_new), *_pointer_and_strides(v_new),
         keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
-        lengths.data_ptr(), out.data_ptr(), B, H, keys.shape[1], D, keys.shape[2], torch.get_num_threads(),
+        lengths.data_ptr(), out.data_ptr(), B, H, keys.shape[1], D, keys.shape[2], native.kernel_threads(),
         SUPPORTED[q.dtype])
     return out
 

@@ -11,6 +11,7 @@ with AVX512-BF16; elsewhere, and for more than ``MAX_ROWS`` rows, torch's kernel
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from lmforge.models import native
 
-__all__ = ["Linear", "MAX_ROWS", "kernel_available", "linear"]
+__all__ = ["Linear", "MAX_ROWS", "decoding_step", "kernel_available", "linear"]
 
 # Up to this many rows the kernel is faster than oneDNN over a model's layers (bench/linear.py: 1.3-3.4x
 # for decoding steps of 1-16 rows; from ~32 rows oneDNN catches up); longer prefills take oneDNN.
@@ -45,8 +46,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     out = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16)
     _library().lmforge_linear(rows.data_ptr(), rows.stride(0), weight.data_ptr(),
                               None if bias is None else bias.data_ptr(), out.data_ptr(),
-                              rows.shape[0], N, K, torch.get_num_threads())
+                              rows.shape[0], N, K, native.kernel_threads())
     return out
+
+
+def decoding_step(tokens: Tensor, weight: Tensor) -> contextlib.AbstractContextManager:
+    """For a forward pass over ``tokens`` (B, T) whose products all run in the kernel (a decoding step,
+    T == 1, of at most ``MAX_ROWS`` rows of a bf16 model ``weight`` on CPU, without gradients): torch's
+    own small operations on one thread meanwhile (:func:`lmforge.models.native.torch_on_one_thread`)."""
+    if (tokens.device.type == "cpu" and tokens.shape[-1] == 1 and tokens.numel() <= MAX_ROWS
+            and weight.dtype == torch.bfloat16 and not torch.is_grad_enabled() and kernel_available()):
+        return native.torch_on_one_thread()
+    return contextlib.nullcontext()
 
 
 class Linear(nn.Linear):

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from lmforge.config import ModelConfig
 from lmforge.device import cpu_has_amx, single_token_kernels
 from lmforge.models.cpu_attention import decode_attention, kernel_available
-from lmforge.models.cpu_linear import Linear
+from lmforge.models.cpu_linear import Linear, decoding_step
 
 
 # ------------------------------------------------------------------------------------------
@@ -412,7 +412,7 @@ class DecoderLM(nn.Module):
         Returns:
             (B, T, V) logits, or (B, 1, V) with ``last_only`` or ``logits_at``.
         """
-        with single_token_kernels(idx, self.tok_emb.weight):
+        with single_token_kernels(idx, self.tok_emb.weight), decoding_step(idx, self.tok_emb.weight):
             x = self._trunk(idx, position_ids, attention_mask, cache)  # (B, T, C)
             if logits_at is not None:
                 x = x[torch.arange(idx.shape[0], device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)

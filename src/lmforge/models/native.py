@@ -9,6 +9,7 @@ and the CPU, written atomically, and loaded with ctypes. Without a compiler, or 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -18,13 +19,45 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 from lmforge.fileio import atomic_path
 
-__all__ = ["load"]
+__all__ = ["kernel_threads", "load", "torch_on_one_thread"]
 
 logger = logging.getLogger(__name__)
+_held = threading.local()  # .threads: torch's thread count while torch_on_one_thread holds it at one
+
+
+def kernel_threads() -> int:
+    """How many threads the C kernels use: torch's intra-op count (kept for them by torch_on_one_thread)."""
+    return getattr(_held, "threads", None) or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_on_one_thread() -> Iterator[None]:
+    """Run torch's own operations on one thread in this block, while the C kernels keep torch's count.
+
+    For a forward pass whose heavy work is all in the C kernels (a small decoding step), torch's other
+    operations are tiny (a layer norm over 16 x 256 values), so splitting them gains nothing, and every
+    split makes both threads wait for the slower one: under load, when a core is also serving HTTP,
+    that one may have been preempted for a time slice (measured in docs/benchmarks.md).
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or getattr(_held, "threads", None):
+        yield
+        return
+    _held.threads = threads
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _held.threads = None
 
 
 @functools.cache

@@ -49,6 +49,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 
@@ -178,22 +179,22 @@ class Record:
     error: str | None = None
 
 
-async def stream_one(http: httpx.AsyncClient, body: dict) -> Record:
+async def stream_one(http: aiohttp.ClientSession, url: str, body: dict) -> Record:
     """Send one streamed completion and time its chunks."""
     record = Record(start=time.perf_counter())
     last, done = None, False
     try:
-        async with http.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                return _fail(record, f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
-            async for line in response.aiter_lines():
+        async with http.post(f"{url}/v1/completions", json=body) as response:
+            if response.status != 200:
+                return _fail(record, f"HTTP {response.status}: {(await response.read())[:200]!r}")
+            async for line in response.content:  # one line at a time, b"\n" included
                 now = time.perf_counter() - record.start
-                if not line.startswith("data: "):
+                if not line.startswith(b"data: "):
                     continue
-                if line == "data: [DONE]":
+                if line.rstrip() == b"data: [DONE]":
                     done = True
                     break
-                event = json.loads(line[len("data: "):])
+                event = json.loads(line[len(b"data: "):])
                 if "error" in event:
                     return _fail(record, f"error event: {event['error']}")
                 if event.get("usage"):
@@ -206,7 +207,7 @@ async def stream_one(http: httpx.AsyncClient, body: dict) -> Record:
                         record.gaps.append(now - last)
                     last = now
         record.e2e = time.perf_counter() - record.start
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
         return _fail(record, f"{type(exc).__name__}: {exc}")
     if not done:
         return _fail(record, "the stream ended without [DONE]")
@@ -225,12 +226,12 @@ async def run_load(url: str, bodies: list[dict], concurrency: int) -> tuple[floa
     returns the wall time and the records in request order."""
     records: list[Record | None] = [None] * len(bodies)
     queue = iter(range(len(bodies)))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         async def client() -> None:
             for index in queue:  # one shared iterator: safe, asyncio switches only at awaits
-                records[index] = await stream_one(http, bodies[index])
+                records[index] = await stream_one(http, url, bodies[index])
 
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))

@@ -71,6 +71,7 @@ from lmforge.inference.detokenize import TextStream
 from lmforge.inference.prefix_cache import PrefixCache, PrefixHit
 from lmforge.inference.sampling import pick_next
 from lmforge.models.cpu_attention import kernel_available
+from lmforge.models.cpu_linear import kernel_available as linear_kernel_available
 from lmforge.models.decoder import SlotKVCache
 from lmforge.tokenizer import Tokenizer
 
@@ -310,8 +311,9 @@ class Engine:
         self.device, self.dtype = parameter.device, parameter.dtype
         self.block_size, self.vocab_size = model.config.block_size, model.config.vocab_size
         self.cache = SlotKVCache.empty(model.config, max_batch_size, self.block_size, self.device, self.dtype)
-        if self.device.type == "cpu":
-            kernel_available(self.dtype)  # compile the decoding-attention kernel now, not in the first request
+        if self.device.type == "cpu":  # compile the C kernels now, not in the first request
+            kernel_available(self.dtype)
+            linear_kernel_available()
         if prefix_cache_tokens is None:
             prefix_cache_tokens = max_batch_size * self.block_size // 2
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None

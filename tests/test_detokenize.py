@@ -202,3 +202,18 @@ def test_without_a_stop_match_everything_comes_out(tok, text, stop):
     assert "".join(pieces) + tail == text
     assert not stream.stopped
     assert all(REPLACEMENT not in p for p in pieces)
+
+
+def test_each_token_decodes_only_the_last_few_tokens(tok, monkeypatch):
+    """Streaming a long completion costs O(n), not O(n^2): each push decodes a few tokens, not all so far."""
+    text = " ".join(CORPUS) * 2
+    ids = tok.encode(text)
+    assert len(ids) > 500
+    lengths = []
+    decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids, **kw: lengths.append(len(ids)) or decode(ids, **kw))
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids]
+    during = max(lengths)
+    assert "".join(pieces) + stream.close() == text
+    assert during <= 8  # the pending tokens (a split character is up to 4) and the previous piece's

@@ -18,24 +18,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "bf16.h"
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
-
-static inline float bf16_to_float(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);                 /* round to nearest even */
-    return (uint16_t)(bits >> 16);
-}
 
 /* exp(x) for x <= 0 as 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2 (Cephes' expf polynomial, relative
  * error ~1e-7); unlike libm's expf, the loop that calls it vectorises. */

@@ -15,6 +15,7 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include "bf16.h"
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -33,21 +34,6 @@ int lmforge_linear_supported(void) {
 #else
     return 0;
 #endif
-}
-
-static inline float bf16_to_float(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);                 /* round to nearest even */
-    return (uint16_t)(bits >> 16);
 }
 
 #if defined(__AVX512BF16__)

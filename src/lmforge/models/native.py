@@ -2,8 +2,8 @@
 
 A kernel's C file is compiled with the system C compiler (``$CC``, else ``cc``; ``-O3 -march=native``,
 OpenMP when the compiler has it, which then shares torch's OpenMP runtime) into
-``$LMFORGE_CACHE_DIR/kernels`` (default ``~/.cache/lmforge/kernels``), keyed by the source, the compiler
-and the CPU, written atomically, and loaded with ctypes. Without a compiler, or with
+``$LMFORGE_CACHE_DIR/kernels`` (default ``~/.cache/lmforge/kernels``), keyed by the source and the
+headers beside it, the compiler and the CPU, written atomically, and loaded with ctypes. Without a compiler, or with
 ``LMFORGE_NATIVE_KERNELS=0``, :func:`load` returns None and the models use torch's kernels.
 """
 
@@ -77,7 +77,7 @@ def _compiled(source: Path) -> Path:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         raise OSError("no C compiler found ($CC or cc)")
-    code = source.read_bytes()
+    code = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # + includes
     key = hashlib.sha256(code + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("LMFORGE_CACHE_DIR", Path.home() / ".cache" / "lmforge")) / "kernels"
     library = cache / f"{source.stem}-{key}.so"

@@ -1,7 +1,7 @@
 """Small-batch bf16 linear layers on CPU in C (``cpu_linear.c``), and :class:`Linear`, which uses them.
 
 A decoding step multiplies a few rows (one per sequence) by each weight. oneDNN, torch's bf16 path on
-CPU, spends ~50 us setting up each such product whatever its size, several times the arithmetic, and
+CPU, spends ~25-50 us setting up each such product whatever its size, several times the arithmetic, and
 torch's other bf16 kernels are slower still from 4 rows up (docs/benchmarks.md). The C kernel reads the
 weight in place (torch's (N, K) layout, nothing packed or copied), multiplies with AVX512-BF16 and sums
 each output in fp32 in an order that does not depend on the batch, so a row's result is bit-identical

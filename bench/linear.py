@@ -50,6 +50,12 @@ def main() -> None:
     parser.add_argument("--rows", default="1,4,16,32,64,128")
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
+    try:
+        rows = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        rows = []
+    if not rows or min(rows) < 1 or args.repeats < 1:
+        parser.error("--rows takes comma-separated counts >= 1, and --repeats a count >= 1")
     if not kernel_available():
         raise SystemExit("the kernel is not available here (no C compiler, or no AVX512-BF16)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median us per product")
@@ -60,12 +66,12 @@ def main() -> None:
         for model, layer, n, k in LAYERS:
             weight, bias = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
             bias = None if layer == "lm head" else bias
-            for rows in map(int, args.rows.split(",")):
-                x = torch.randn(rows, k).bfloat16()
+            for count in rows:
+                x = torch.randn(count, k).bfloat16()
                 ours = median_us(linear, (x, weight, bias), args.repeats)
                 onednn = median_us(F.linear, (x, weight, bias), args.repeats)
                 plain = median_us(torch_without_onednn, (x, weight, bias), max(args.repeats // 4, 5))
-                print(f"{model:<10} {layer:<9} {f'{n}x{k}':>11} {rows:>5} {ours:>8.1f} {onednn:>8.1f} {plain:>8.1f} "
+                print(f"{model:<10} {layer:<9} {f'{n}x{k}':>11} {count:>5} {ours:>8.1f} {onednn:>8.1f} {plain:>8.1f} "
                       f"{min(onednn, plain) / ours:>8.2f}x", flush=True)
 
 

@@ -414,7 +414,7 @@ def main() -> None:
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     if args.rounds < 1 or (args.requests is not None and args.requests < args.rounds):
-        raise SystemExit("error: --rounds must be >= 1 and at most --requests")
+        parser.error("--rounds must be >= 1 and at most --requests")
     levels = [int(c) for c in (args.concurrency or ("1,4,16" if args.quick else "1,4,16,32")).split(",")]
     # a plain `kill` stops the servers too: SIGTERM becomes SystemExit, so the finally blocks run
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

@@ -13,9 +13,12 @@ of bench/task_pretrain.py saw the contexts of the 30 training articles only.
   of ``bos question eos context eos``, ``data.stride`` 64) for ``--max-time`` seconds; every 10th
   training question is its validation set. EM/F1 on the evaluation articles through
   ``lmforge.evaluation.evaluate(lm, "qa", ...)`` (the same ``squad_scores`` as the baseline's).
+  ``--question-match`` (the default; ``--no-question-match`` turns it off) gives the span extractor
+  DrQA's exact-match input feature (``FinetuneConfig.question_match``); ``--dtype`` is the fine-tuning
+  precision (bf16 autocast by default).
 
     python bench/squad.py --encoder /tmp/lmforge-tasks/pretrain/mlm [--max-time 420] [--work DIR]
-                          [--quick] [--json FILE]
+                          [--no-question-match] [--dtype bf16] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -82,12 +85,13 @@ def baseline(records: list[dict], window: int, max_span: int) -> dict:
 
 def lmforge_qa(encoder: str, train: list[dict], test: list[dict], work: Path, args: argparse.Namespace) -> dict:
     fit, val = split_off(train)
-    options = {"checkpoint": encoder, "task": "qa", "out": str(work / "run"),
+    options = {"checkpoint": encoder, "task": "qa", "out": str(work / "run"), "question_match": args.question_match,
                "data": {"path": str(write_jsonl(work / "train.jsonl", fit)),
                         "val_path": str(write_jsonl(work / "val.jsonl", val)),
                         "stride": 16 if args.quick else 64},  # the quick encoder has 64-token windows
                "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=16, warmup_steps=50,
-                                      eval_interval=150, eval_windows=200, weight_decay=0.01)}
+                                      eval_interval=150, eval_windows=200, weight_decay=0.01,
+                                      dtype=args.dtype)}
     result, seconds = run_finetune(options)
     lm = LanguageModel.load(result.best_checkpoint, device="cpu")
     report = evaluate(lm, "qa", str(write_jsonl(work / "eval.jsonl", test)), progress=False)
@@ -100,6 +104,9 @@ def main() -> None:
     parser.add_argument("--encoder", default="/tmp/lmforge-tasks/pretrain/mlm", help="bench/task_pretrain.py's run")
     parser.add_argument("--max-time", type=float, default=420.0, help="seconds of fine-tuning")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--question-match", action=argparse.BooleanOptionalAction, default=True,
+                        help="the exact-match input feature (FinetuneConfig.question_match)")
+    parser.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"), help="fine-tuning precision")
     parser.add_argument("--window", type=int, default=8, help="baseline: words on each side of a candidate")
     parser.add_argument("--max-span", type=int, default=4, help="baseline: longest candidate, in words")
     parser.add_argument("--work", default="/tmp/lmforge-tasks/squad")
@@ -116,7 +123,8 @@ def main() -> None:
     titles = sorted({r["title"] for r in test})
     print_table(f"SQuAD v1.1: {len(train)} training questions (30 articles), {len(test)} evaluation questions "
                 f"({len(titles)} articles: {', '.join(titles)})", rows, ["exact_match", "f1", "train_s", "answer_s"])
-    write_json(args.json, {"encoder": args.encoder, "max_time": args.max_time, "eval_articles": titles,
+    write_json(args.json, {"encoder": args.encoder, "max_time": args.max_time, "question_match": args.question_match,
+                           "dtype": args.dtype, "eval_articles": titles,
                            "train_questions": len(train), "eval_questions": len(test), "rows": rows})
 
 

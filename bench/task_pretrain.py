@@ -9,15 +9,18 @@ What goes in (one JSONL record per document, shuffled with a fixed seed; 2% held
 - AESLC ``train.jsonl`` email bodies of the first ``--aeslc-documents`` (4,000) records (``document``;
   the dev set and all subject lines are left out; capped so that emails do not dominate),
 - AG News ``train.csv`` texts (title + description; ``test.csv`` left out),
-- SST-2 training sentences (every 5th row of ``train.tsv`` is the test set and is left out).
+- SST-2 training sentences (every 5th row of ``train.tsv`` is the test set and is left out),
+- Alpaca ``train.jsonl`` records (instruction, input and output as one document; ``--no-alpaca``
+  leaves them out).
 
 Tokenizer: ``Tokenizer.train(texts, "bpe", 8192)`` on that corpus (MLM pretraining adds ``<|mask|>``).
 Model: a rotary-position encoder, width 256, 4 heads, ``--layers`` blocks (default 4), 256-token
 windows, trained with ``lmforge.recipes.pretrain.pretrain`` (objective auto = mlm, 15% of tokens) for
-``--max-time`` seconds (the learning rate decays over that time).
+``--max-time`` seconds (the learning rate decays over that time), in ``--dtype`` (bf16 autocast by
+default).
 
     python bench/task_pretrain.py [--work /tmp/lmforge-tasks/pretrain] [--max-time 780] [--layers 4]
-                                  [--quick] [--json FILE]
+                                  [--dtype bf16] [--warmup 40] [--quick] [--json FILE]
 
 The encoder is then ``WORK/mlm`` (pass it to the other scripts with ``--encoder``).
 """
@@ -33,10 +36,17 @@ from lmforge.config import ModelConfig, PretrainConfig, TrainConfig
 from lmforge.data.shards import prepare
 from lmforge.recipes.pretrain import pretrain
 from lmforge.tokenizer import Tokenizer
-from tasklib import DATA, aeslc, ag_news, need, setup_logging, squad, sst2, write_json, write_jsonl
+from tasklib import DATA, aeslc, ag_news, need, read_jsonl, setup_logging, squad, sst2, write_json, write_jsonl
 
 
-def corpus_documents(aeslc_documents: int) -> dict[str, list[str]]:
+def alpaca_documents() -> list[str]:
+    """Alpaca records as documents: the instruction, its input (if any) and the output, one per line."""
+    records = read_jsonl(DATA / "alpaca" / "train.jsonl")
+    return ["\n".join(part for part in (r["instruction"], r.get("input", ""), r["output"]) if part.strip())
+            for r in records]
+
+
+def corpus_documents(aeslc_documents: int, alpaca: bool) -> dict[str, list[str]]:
     """The pretraining documents per source (see the module docstring)."""
     contexts = list(dict.fromkeys(r["context"] for r in squad("train")))
     wiki = [line.strip() for line in (DATA / "lm_ptb_wikitext2" / "wikitext2.valid.tokens").read_text(
@@ -47,6 +57,7 @@ def corpus_documents(aeslc_documents: int) -> dict[str, list[str]]:
         "aeslc_train_documents": [r["document"] for r in aeslc("train")[:aeslc_documents] if r["document"].strip()],
         "ag_news_train": [r["text"] for r in ag_news("train")],
         "sst2_train_sentences": [r["text"] for r in sst2("train")],
+        **({"alpaca_train": alpaca_documents()} if alpaca else {}),
     }
 
 
@@ -57,16 +68,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=40, help="warm-up steps")
+    parser.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"), help="pretraining precision")
     parser.add_argument("--aeslc-documents", type=int, default=4000, help="AESLC emails kept (the first N)")
+    parser.add_argument("--no-alpaca", dest="alpaca", action="store_false", help="leave the Alpaca records out")
     parser.add_argument("--quick", action="store_true", help="a few seconds: tiny model, 10 steps")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    need(DATA / "squad_v1.1", DATA / "aeslc", DATA / "ag_news", DATA / "sst2", DATA / "lm_ptb_wikitext2")
+    need(DATA / "squad_v1.1", DATA / "aeslc", DATA / "ag_news", DATA / "sst2", DATA / "lm_ptb_wikitext2",
+         *([DATA / "alpaca"] if args.alpaca else []))
     setup_logging()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
-    sources = corpus_documents(args.aeslc_documents)
+    sources = corpus_documents(args.aeslc_documents, args.alpaca)
     documents = [{"text": t, "source": name} for name, texts in sources.items() for t in texts]
     random.Random(0).shuffle(documents)
     if args.quick:
@@ -81,9 +96,9 @@ def main() -> None:
 
     model = ModelConfig(family="encoder", n_layer=args.layers, n_head=4, n_embd=256, block_size=256,
                         position="rope", mlp="gelu", norm="layernorm")
-    train = TrainConfig(max_steps=None, max_time=args.max_time, lr=args.lr, warmup_steps=40,
+    train = TrainConfig(max_steps=None, max_time=args.max_time, lr=args.lr, warmup_steps=args.warmup,
                         batch_size=args.batch_size, eval_interval=300, eval_windows=64, final_eval_windows=256,
-                        save_interval=0, log_interval=20, progress=False, device="cpu", dtype="fp32")
+                        save_interval=0, log_interval=20, progress=False, device="cpu", dtype=args.dtype)
     if args.quick:
         model.n_layer, model.n_embd, model.block_size = 2, 64, 64
         train.max_time, train.max_steps, train.eval_interval, train.warmup_steps = None, 10, 0, 2

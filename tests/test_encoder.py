@@ -63,6 +63,18 @@ def test_attention_is_bidirectional():
     assert not torch.allclose(before[0, 0], after[0, 0])  # the first token sees the last one
 
 
+def test_logits_of_picked_positions_only():
+    model = make_model().eval()
+    ids = torch.randint(0, 40, (2, 8))
+    picked = torch.rand(2, 8) < 0.3
+    picked[1, 2] = True
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, 6:] = False
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        assert_close(model(ids, attention_mask=mask, positions=picked), full[picked])
+
+
 @pytest.mark.parametrize("flavour", list(FLAVOURS))
 def test_padding_does_not_change_a_row(flavour):
     model = make_model(flavour)

@@ -168,6 +168,56 @@ def test_span_extractor_learns(family):
     assert exact.float().mean() > 0.9
 
 
+def test_question_matches_marks_context_tokens_found_in_the_question():
+    a, b, c, d = FILLER[:4]
+    model = SpanExtractor(backbone("encoder"), separator_id=EOS)
+    row = [BOS, a, b, EOS, b, c, a, d, EOS]
+    expected = [False, False, False, False, True, False, True, False, False]
+    ids, mask = right_pad([row, [BOS, c, EOS, a, c, EOS]])
+    matches = model.question_matches(ids, mask)
+    assert matches[0].tolist() == expected
+    assert matches[1].tolist() == [False, False, False, False, True, False, False, False, False]
+    left = torch.tensor([[PAD, PAD, *row]])
+    assert model.question_matches(left, left != PAD)[0].tolist() == [False, False, *expected]
+    # Match ids make different tokens count as the same word (d as b here).
+    model.match_ids[d] = b
+    assert model.question_matches(torch.tensor([row]))[0].tolist() == expected[:7] + [True, False]
+    # A tokenizer whose bos and separator are one token: the first one is the bos.
+    same = SpanExtractor(backbone("encoder"), separator_id=BOS)
+    assert same.question_matches(torch.tensor([[BOS, a, BOS, c, a, BOS]]))[0].tolist() == [
+        False, False, False, False, True, False]
+
+
+def question_batch(g: torch.Generator, size: int = 32) -> dict[str, torch.Tensor]:
+    """``bos q eos context eos``: the answer is where the question's one token q occurs in the context."""
+    rows, starts = [], []
+    for _ in range(size):
+        context = filler(g, 6, 14)
+        at = int(torch.randint(len(context), (1,), generator=g))
+        question = context[at]
+        context = [t if t != question or i == at else FILLER[(FILLER.index(t) + 1) % len(FILLER)]
+                   for i, t in enumerate(context)]  # q occurs once
+        rows.append([BOS, question, EOS, *context, EOS])
+        starts.append(3 + at)
+    ids, mask = right_pad(rows)
+    starts = torch.tensor(starts)
+    return {"input_ids": ids, "attention_mask": mask, "start_positions": starts, "end_positions": starts}
+
+
+def test_question_match_feature_finds_question_words_in_the_context():
+    plain = SpanExtractor(backbone("encoder"))
+    matching = SpanExtractor(backbone("encoder"), separator_id=EOS)
+    assert (matching.match_emb.weight == 0).all()  # starts as the plain model
+    plain_losses = train(plain, span_loss, question_batch, steps=100)
+    matching_losses = train(matching, span_loss, question_batch, steps=100)
+    assert sum(matching_losses[-10:]) < sum(plain_losses[-10:]) / 10
+    matching.eval()
+    batch = question_batch(torch.Generator().manual_seed(99), 200)
+    with torch.no_grad():
+        start_logits, _ = matching(batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert (start_logits.argmax(-1) == batch["start_positions"]).float().mean() > 0.9
+
+
 def test_head_conventions_and_checkpoints(tmp_path):
     from lmforge.tokenizer import Tokenizer
     from lmforge.training.checkpoint import load_model, save_checkpoint
@@ -189,10 +239,14 @@ def test_head_conventions_and_checkpoints(tmp_path):
     ids = torch.randint(0, tokenizer.vocab_size, (2, 9))
     for model, task in ((SequenceClassifier(backbone("decoder"), 3, pooling="last"),
                          {"kind": "classification", "labels": ["a", "b", "c"], "pooling": "last"}),
-                        (SpanExtractor(backbone("encoder")), {"kind": "qa"})):
+                        (SpanExtractor(backbone("encoder")), {"kind": "qa"}),
+                        (SpanExtractor(backbone("encoder"), EOS, torch.arange(VOCAB).flip(0)),
+                         {"kind": "qa", "separator_id": EOS})):
         path = save_checkpoint(tmp_path / task["kind"], model.eval(), tokenizer, info={"task": task})
         loaded, _, _ = load_model(path)
-        assert type(loaded) is type(model)
+        assert type(loaded) is type(model) and loaded.state_dict().keys() == model.state_dict().keys()
+        if "separator_id" in task:  # the match ids travel with the weights
+            assert loaded.separator_id == EOS and loaded.match_ids.tolist() == model.match_ids.tolist()
         with torch.no_grad():
             assert_close(loaded(ids), model(ids))
 

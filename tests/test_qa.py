@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.data.qa import AnswerSpan, QAWindow, best_span, char_spans, qa_windows
+from lmforge.data.qa import AnswerSpan, QAWindow, best_span, char_spans, match_ids, qa_windows, separator_id
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import Tokenizer
 
@@ -206,3 +206,21 @@ def test_errors(tokenizer):
         qa_windows(tokenizer, "Why?", CONTEXT, max_length=64, stride=4, answer=(5, 5))
     with pytest.raises(DataError, match="not a non-empty span"):
         qa_windows(tokenizer, "Why?", CONTEXT, max_length=64, stride=4, answer=(5, len(CONTEXT) + 1))
+
+
+def test_match_ids_ignore_case_and_leading_spaces():
+    text = "Paris is big. paris, Paris and PARIS again: 日本語 and 日本"
+    tokenizer = Tokenizer.train([text] * 20, "bpe", vocab_size=300)
+    V = tokenizer.vocab_size
+    ids = match_ids(tokenizer, V + 4)
+    assert ids.shape == (V + 4,) and ids[-4:].tolist() == list(range(V, V + 4))  # ids past the tokenizer's
+    words = {text: tokenizer.encode(text) for text in ("Paris", " Paris", " paris")}
+    assert all(len(encoded) == 1 for encoded in words.values()), words
+    assert len({int(ids[encoded[0]]) for encoded in words.values()}) == 1
+    assert ids[tokenizer.encode(" big")[0]] != ids[words["Paris"][0]]
+    for special in tokenizer.special_ids:
+        assert ids[special] == special
+    pieces = [t for t in range(tokenizer.vocab_size) if "\ufffd" in tokenizer.decode([t])]
+    assert pieces and all(ids[t] == t for t in pieces)  # byte-level pieces of a character match only themselves
+    window = qa_windows(tokenizer, "Where?", "In Paris.", 32)[0]
+    assert separator_id(tokenizer) == window.input_ids[1 + len(tokenizer.encode("Where?"))]

@@ -289,6 +289,35 @@ def test_extractive_qa_learns_spans_and_maps_them_to_characters(tmp_path):
     assert report["metrics"]["f1"] > 60
 
 
+def test_qa_with_question_match_features(tmp_path):
+    rng = random.Random(2)
+    records = [qa_record(rng) for _ in range(600)]
+    data = write_jsonl(tmp_path / "qa.jsonl", records)
+    tokenizer = char_tokenizer(tmp_path / "tok", [r["context"] + r["question"] for r in records])
+    config = FinetuneConfig(tokenizer=str(tokenizer), model=tiny("encoder", block_size=96, n_embd=64, position="rope"),
+                            out=str(tmp_path / "run"), question_match=True,
+                            data=FinetuneDataConfig(path=str(data), val_fraction=0.1),
+                            train=train_options(max_steps=300, lr=2e-3, eval_interval=100))
+    result = finetune(config)
+    assert result.metrics["val_f1"] > 60
+    task = read_config(result.best_checkpoint)["task"]
+    assert task["kind"] == "qa" and task["separator_id"] == Tokenizer.load(tokenizer).eos_id
+    lm = LanguageModel.load(result.best_checkpoint, device="cpu")
+    context = "The animal is eel. The city is Lima. The colour is blue."
+    answer = lm.answer("What is the city?", context)
+    assert (answer.text, context[answer.start:answer.end]) == ("Lima", "Lima")
+
+
+def test_question_match_is_for_qa_only(tmp_path, classification_files):
+    folder, tokenizer = classification_files
+    config = FinetuneConfig(tokenizer=str(tokenizer), model=tiny("encoder"), out=str(tmp_path / "run"),
+                            question_match=True, data=FinetuneDataConfig(path=str(folder / "train.csv")),
+                            train=train_options())
+    with pytest.raises(ConfigError, match="question_match marks question words in QA contexts; this is a "
+                                          "classification run"):
+        finetune(config)
+
+
 # ------------------------------------------------------------------------------------------
 # Sequence to sequence
 # ------------------------------------------------------------------------------------------

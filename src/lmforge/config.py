@@ -343,6 +343,8 @@ class FinetuneConfig:
     purpose: str = option("auto", "seq2seq: translation, summarization or generic (auto: from the data fields)")
     pooling: str = option("auto", "classification: the text's state the head reads: first (token), last, mean "
                                   "(over the real tokens), or auto (first for encoders, last for causal models)")
+    question_match: bool = option(False, "qa: mark the context tokens that also occur in the question with a "
+                                         "learned input embedding (DrQA's exact-match feature; helps small data)")
     tokenizer: str | None = option(None, "from scratch: tokenizer directory or tokenizer.json")
     model: ModelConfig = field(default_factory=ModelConfig)
     out: str = option("runs/finetune", "run directory for checkpoints, metrics and plots")

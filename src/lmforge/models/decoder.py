@@ -420,22 +420,25 @@ class DecoderLM(nn.Module):
                 x = x[:, -1:]
             return self.lm_head(self.norm(x))
 
-    def hidden_states(self, idx: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def hidden_states(self, idx: Tensor, attention_mask: Tensor | None = None,
+                      input_offsets: Tensor | None = None) -> Tensor:
         """The final normed states (B, T, C) of token ids (B, T), for task heads (no cache).
 
         ``attention_mask`` (B, T) bool is True for real tokens; positions count real tokens only, so
         a row's states at its real tokens are the same alone, right-padded or left-padded.
+        ``input_offsets`` (B, T, C), if given, is added to the token embeddings (a head's own input
+        features, e.g. :class:`~lmforge.models.heads.SpanExtractor`'s question matches).
         """
         position_ids = None
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        return self.norm(self._trunk(idx, position_ids, attention_mask, None))
+        return self.norm(self._trunk(idx, position_ids, attention_mask, None, input_offsets))
 
     def _trunk(self, idx: Tensor, position_ids: Tensor | None, attention_mask: Tensor | None,
-               cache: KVCache | SlotKVCache | None) -> Tensor:
+               cache: KVCache | SlotKVCache | None, input_offsets: Tensor | None = None) -> Tensor:
         """Embeddings and the block stack: (B, T) ids -> (B, T, C) states before the final norm
-        (arguments as in :meth:`forward`); extends ``cache`` when one is given."""
+        (arguments as in :meth:`forward` and :meth:`hidden_states`); extends ``cache`` when one is given."""
         T = idx.shape[1]
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
@@ -443,6 +446,8 @@ class DecoderLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=idx.device).unsqueeze(0)  # (1, T)
         x = self.tok_emb(idx)  # (B, T, C)
+        if input_offsets is not None:
+            x = x + input_offsets
         rope = None
         if self.config.position == "learned":
             x = x + self.pos_emb(position_ids)

@@ -7,7 +7,7 @@ a task checkpoint's weights are ``backbone.*`` (loadable into the bare backbone 
 prefix) and ``head.*``.
 
     SequenceClassifier   states -> pool one position per row -> dropout -> head -> logits (B, L)
-    SpanExtractor        states -> head -> start and end logits, each (B, T)
+    SpanExtractor        [question matches -> backbone inputs] states -> head -> start and end logits, each (B, T)
 
 Multi-label classification turns (B, L) sigmoid probabilities into label sets with a threshold per
 label (:func:`predict_label_sets`); :func:`choose_thresholds` picks the thresholds that maximise
@@ -101,22 +101,56 @@ class SpanExtractor(nn.Module):
     Every position scores as an answer's first and last token; padding positions (``attention_mask``
     False) get :data:`MASKED_LOGIT`. Position 0 (bos) is a valid target: "the answer is not in this
     window", as in BERT's SQuAD recipe (see :mod:`lmforge.data.qa`).
+
+    With ``separator_id`` (the token between question and context, see :mod:`lmforge.data.qa`) the head
+    also marks each context token that occurs in the question (DrQA's exact-match feature, Chen et al.
+    2017) and adds a learned embedding of that mark (``match_emb``, 2 x C, starting at zero) to the
+    backbone's inputs: the word-overlap signal that a sliding-window baseline lives on, given to the
+    model instead of left for its attention to discover from few examples. Tokens match when their
+    ``match_ids`` agree: by default their ids; :func:`lmforge.data.qa.match_ids` maps case and a
+    leading space away.
     """
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, separator_id: int | None = None, match_ids: Tensor | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.config.n_embd, 2)
         _init_linear(self.head)
+        self.separator_id = separator_id
+        if separator_id is not None:
+            self.match_emb = nn.Embedding(2, backbone.config.n_embd)
+            nn.init.zeros_(self.match_emb.weight)
+            if match_ids is None:
+                match_ids = torch.arange(backbone.config.vocab_size)
+            self.register_buffer("match_ids", match_ids.long().clone())  # (V,), saved with the weights
 
     @property
     def config(self) -> ModelConfig:
         """The backbone's config (what a checkpoint saves)."""
         return self.backbone.config
 
+    def question_matches(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, T) bool: the context tokens of rows ``bos question sep context sep`` whose match id also
+        occurs in their row's question (rows may be padded on either side)."""
+        T = input_ids.shape[1]
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        position = torch.arange(T, device=input_ids.device)
+        first = real.long().argmax(-1, keepdim=True)                           # (B, 1) the bos
+        separator = (input_ids == self.separator_id) & real & (position > first)
+        part = separator.long().cumsum(-1)                                     # 0: bos + question, 1: context
+        question = real & (part == 0) & (position > first)
+        context = real & (part == 1) & ~separator
+        ids = self.match_ids[input_ids]                                        # (B, T)
+        same = ids[:, :, None] == ids[:, None, :]                              # (B, T, T)
+        return context & (same & question[:, None, :]).any(-1)
+
     def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(start_logits, end_logits), each (B, T), of ids (B, T) with an optional (B, T) bool mask."""
-        states = self.backbone.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, C)
+        offsets = None
+        if self.separator_id is not None:
+            offsets = self.match_emb(self.question_matches(input_ids, attention_mask).long())  # (B, T, C)
+        states = self.backbone.hidden_states(input_ids, attention_mask=attention_mask,
+                                             input_offsets=offsets)                     # (B, T, C)
         start_logits, end_logits = self.head(states).unbind(-1)                         # (B, T) each
         if attention_mask is not None:
             padding = ~attention_mask.bool()

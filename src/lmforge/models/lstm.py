@@ -93,19 +93,24 @@ class LSTMLM(nn.Module):
         logits = self.lm_head(x)
         return (logits, state) if return_state else logits
 
-    def hidden_states(self, idx: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def hidden_states(self, idx: Tensor, attention_mask: Tensor | None = None,
+                      input_offsets: Tensor | None = None) -> Tensor:
         """The top layer's outputs (B, T, C) for token ids (B, T), for task heads.
 
         The model is causal, so a row's outputs at its real tokens do not depend on right padding;
         ``attention_mask`` is accepted for the common task-head interface and not needed. (Left
-        padding would run through the recurrence: pad on the right.)
+        padding would run through the recurrence: pad on the right.) ``input_offsets`` (B, T, C), if
+        given, is added to the token embeddings (a head's own input features).
         """
-        return self._trunk(idx, None)[0]
+        return self._trunk(idx, None, input_offsets)[0]
 
-    def _trunk(self, idx: Tensor, state: LSTMState | None) -> tuple[Tensor, LSTMState]:
+    def _trunk(self, idx: Tensor, state: LSTMState | None,
+               input_offsets: Tensor | None = None) -> tuple[Tensor, LSTMState]:
         """Embedding, LSTM stack and output dropout: (B, T) ids -> (B, T, C) outputs and the new state."""
         dropout = self.config.dropout if self.training else 0.0
         x = self.tok_emb(idx)  # (B, T, C)
+        if input_offsets is not None:
+            x = x + input_offsets
         if dropout:
             x = F.dropout(x, dropout)
         x, state = self.lstm(x, state)  # (B, T, C); h, c each (L, B, C)

@@ -116,6 +116,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     the task models in :mod:`lmforge.recipes.tasks`."""
     config.validate()
     task = resolve_task(config)
+    if config.question_match and task != "qa":
+        raise ConfigError(f"question_match marks question words in QA contexts; this is a {task} run")
     if task != "sft":
         from lmforge.recipes.tasks import finetune_task
 

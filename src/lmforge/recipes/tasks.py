@@ -23,6 +23,7 @@ import yaml
 from torch import nn
 
 from lmforge.config import FinetuneConfig, to_dict
+from lmforge.data.qa import match_ids, separator_id
 from lmforge.data.supervised import ShuffledBatches, split_records
 from lmforge.data.tasks import (
     collate_classification,
@@ -280,14 +281,18 @@ def qa_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: Tokenizer) ->
     if stride >= block // 2:
         raise ConfigError(f"data.stride ({stride}) must be less than half the context ({block})")
     train_rows = [row for example in train_examples for row in qa_rows(tokenizer, example, block, stride)]
-    model = SpanExtractor(backbone)
+    task_info = {"kind": "qa", "stride": stride, "max_answer_tokens": 30}
+    if config.question_match:
+        task_info["separator_id"] = separator_id(tokenizer)
+        model = SpanExtractor(backbone, task_info["separator_id"], match_ids(tokenizer, backbone.config.vocab_size))
+    else:
+        model = SpanExtractor(backbone)
     pad = pad_id_of(tokenizer)
     collate = partial(collate_spans, pad_id=pad)
     evaluator = QAEvaluator(val_examples, tokenizer, block, stride, config.train.eval_windows,
                             config.train.final_eval_windows)
     summary = (f"{len(train_examples)} training questions ({len(train_rows)} windows), {len(val_examples)} held out")
-    return TaskRun(model, span_loss, train_rows, collate, evaluator,
-                   {"kind": "qa", "stride": stride, "max_answer_tokens": 30}, summary)
+    return TaskRun(model, span_loss, train_rows, collate, evaluator, task_info, summary)
 
 
 def collate_spans(rows: list[tuple[list[int], int, int]], pad_id: int) -> dict[str, torch.Tensor]:

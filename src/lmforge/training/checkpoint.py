@@ -145,7 +145,7 @@ def with_task_head(backbone: nn.Module, task: Any, path: Path | str = "") -> nn.
     if kind == "qa":
         from lmforge.models.heads import SpanExtractor
 
-        return SpanExtractor(backbone)
+        return SpanExtractor(backbone, task.get("separator_id"))
     if kind not in (None, "seq2seq"):
         raise CheckpointError(f"{path}: unknown task {kind!r} (this lmforge knows classification, qa, seq2seq)")
     return backbone

@@ -68,10 +68,9 @@ def masked_lm_objective(mask_id: int, vocab_size: int, probability: float = 0.15
 
     def masked_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         logits, labels = _masked_predictions(model, batch, mask_id, vocab_size, probability, special)
-        if not bool((labels != IGNORE_INDEX).any()):  # nothing chosen in a tiny batch: a zero that keeps the graph
+        if not len(labels):  # nothing chosen in a tiny batch: a zero that keeps the graph
             return logits.sum() * 0.0
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                               label_smoothing=label_smoothing)
+        return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
     return masked_lm_loss
 
@@ -83,23 +82,21 @@ def summed_masked_lm_loss(mask_id: int, vocab_size: int, probability: float, spe
     (a fixed seed gives a fixed evaluation set)."""
     special = torch.tensor(sorted(special_ids or ()), dtype=torch.long)
     logits, labels = _masked_predictions(model, batch, mask_id, vocab_size, probability, special, generator)
-    labels = labels.flatten()
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((labels != IGNORE_INDEX).sum())
+    return F.cross_entropy(logits.float(), labels, reduction="sum"), len(labels)
 
 
 def _masked_predictions(model: nn.Module, batch: dict[str, Tensor], mask_id: int, vocab_size: int,
                         probability: float, special: Tensor,
                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """The model's (B, T, V) logits on a corrupted batch, and the (B, T) labels of the corruption."""
+    """The model's logits (N, V) at the N chosen positions of a corrupted batch, and their labels (N,)."""
     ids = batch["input_ids"]
     keep = torch.isin(ids, special.to(ids.device)) if len(special) else None
     attention = batch.get("attention_mask")
     if attention is not None:
         keep = ~attention if keep is None else keep | ~attention
     corrupted, labels = mask_tokens(ids, mask_id, vocab_size, probability, keep, generator)
-    logits = model(corrupted) if attention is None else model(corrupted, attention_mask=attention)
-    return logits, labels
+    chosen = labels != IGNORE_INDEX
+    return model(corrupted, attention_mask=attention, positions=chosen), labels[chosen]
 
 
 # ------------------------------------------------------------------------------------------

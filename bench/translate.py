@@ -9,7 +9,8 @@ checkpoint by target loss) and ``val.{en,de}`` (1,014 pairs, the test set here).
 - lmforge: a byte-level BPE tokenizer (8,192, both languages) and a ``seq2seq-small`` model (3 + 3
   layers, width 256, dropout 0.1, 128-token context) trained with ``FinetuneConfig(task="seq2seq",
   data.path=train.en, data.target_path=train.de)`` for ``--max-time`` seconds in ``--dtype`` (default bf16
-  autocast) with label smoothing ``--label-smoothing``; a checkpoint every ``--save-interval`` steps,
+  autocast) with label smoothing ``--label-smoothing``, each step's pairs of similar length
+  (``data.group_by_length``; ``--no-group-by-length`` draws them at random); a checkpoint every ``--save-interval`` steps,
   and the mean of the last ``--average`` checkpoints (``lmforge.training.averaging``) is the result;
   the checkpoint with the lowest held-out loss is reported beside it. Beam ``--beam`` decoding with
   ``lm.translate``; with ``--tune-decoding`` every checkpoint is decoded with beams 4 and 8 and length
@@ -17,7 +18,7 @@ checkpoint by target loss) and ``val.{en,de}`` (1,014 pairs, the test set here).
   validation set) is the result. ``--checkpoints DIR ...`` evaluates existing checkpoints instead.
 Corpus BLEU (sacreBLEU 13a through ``lmforge.evaluation.metrics.bleu``) and chrF on the validation set.
 
-    python bench/translate.py [--max-time 3600] [--beam 4] [--dtype bf16] [--label-smoothing 0.1]
+    python bench/translate.py [--max-time 3600] [--beam 4] [--dtype bf16] [--label-smoothing 0.1] [--no-group-by-length]
                               [--average 5] [--save-interval 500] [--tune-decoding] [--checkpoints DIR ...]
                               [--work DIR] [--quick] [--json FILE]
 """
@@ -85,6 +86,8 @@ def main() -> None:
     parser.add_argument("--max-time", type=float, default=3600.0, help="seconds of training")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32, help="sentence pairs per step")
+    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+                        help="steps of pairs of similar length (data.group_by_length): less padding")
     parser.add_argument("--warmup", type=int, default=200, help="warm-up steps")
     parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary of both languages")
     parser.add_argument("--model", action="append", default=[], metavar="KNOB=VALUE",
@@ -118,7 +121,8 @@ def main() -> None:
     tokenizer = bpe_tokenizer(work / f"tokenizer-{args.vocab_size}", train_en + train_de, args.vocab_size)
     options = {"tokenizer": str(tokenizer), "task": "seq2seq", "purpose": "translation", "out": str(work / "run"),
                "model": {"preset": "seq2seq-small", "block_size": 128, **model_knobs(args.model)},
-               "data": {"path": str(MT / "train.en"), "target_path": str(MT / "train.de"), "val_fraction": 0.02},
+               "data": {"path": str(MT / "train.en"), "target_path": str(MT / "train.de"), "val_fraction": 0.02,
+                        "group_by_length": args.group_by_length},
                "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=args.batch_size,
                                       warmup_steps=args.warmup,
                                       eval_interval=500, eval_windows=None, weight_decay=0.01, dtype=args.dtype,

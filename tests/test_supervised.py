@@ -264,3 +264,29 @@ def test_ranks_times_micro_batches_split_one_step_without_overlap():
     assert len(set(seen)) == len(seen) == 4 * B
     batches = SupervisedBatches(rows, batch_size=B, grad_accum=2, seed=1, pad_id=PAD, world_size=2)
     assert batches.epochs(5) == 5 * 8 / 40
+
+
+def test_group_by_length_gives_each_step_rows_of_similar_length():
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(600):
+        ids = [1000 + i] + [1] * rng.randint(1, 60)
+        rows.append((ids, ids))
+    lengths = {i: len(ids) for i, (ids, _) in enumerate(rows)}
+    B, steps = 8, 75  # one epoch
+    plain = SupervisedBatches(rows, B, 1, seed=4, pad_id=PAD)
+    grouped = SupervisedBatches(rows, B, 1, seed=4, pad_id=PAD, group_by_length=True)
+    again = SupervisedBatches(rows, B, 1, seed=4, pad_id=PAD, group_by_length=True)
+
+    def spread(batches, step):
+        sizes = [lengths[name] for name in names(batches.batch(step, 0))]
+        return max(sizes) - min(sizes)
+
+    assert sum(spread(grouped, s) for s in range(steps)) < sum(spread(plain, s) for s in range(steps)) / 5
+    seen = [name for s in range(steps) for name in names(grouped.batch(s, 0))]
+    assert sorted(seen) == list(range(600))  # still every row once per epoch
+    assert names(grouped.batch(3, 0)) == names(again.batch(3, 0))  # a function of (seed, step): exact resume
+    first_lengths = [max(lengths[n] for n in names(grouped.batch(s, 0))) for s in range(10)]
+    assert first_lengths != sorted(first_lengths, reverse=True)  # the steps' order stays random

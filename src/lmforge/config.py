@@ -304,6 +304,8 @@ class FinetuneDataConfig:
     format: str = option("auto", "auto (from the fields), chat, alpaca, prompt_completion or text")
     train_on_prompt: bool = option(False, "also compute the loss on prompt tokens (default: responses only)")
     packing: bool = option(False, "pack several examples into each context-length sequence")
+    group_by_length: bool = option(False, "batch examples of similar length together (less padding, faster "
+                                          "steps; the order of the steps stays random)")
     text_field: list[str] = option([], "classification: text column(s) (default: text or sentence; 0-based "
                                        "numbers for CSV/TSV files without a header, several are joined)")
     label_field: str = option("label", "classification: label column (a name, or a 0-based number)")
@@ -322,6 +324,8 @@ class FinetuneDataConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), not {self.val_fraction}")
         _check_positive("data.stride", self.stride, allow_zero=True, allow_none=True)
+        if self.packing and self.group_by_length:
+            raise ConfigError("data.group_by_length does nothing with data.packing: packed rows all have one length")
 
 
 @dataclass

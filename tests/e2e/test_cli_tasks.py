@@ -98,6 +98,12 @@ def test_average_the_last_checkpoints_of_a_run(classifier, tmp_path):
     assert_clean_error(lmforge("finetune", "--tokenizer", folder / "tok", "--data", folder / "train.tsv",
                                "--train.label_smoothing", 1.5, "--out", tmp_path / "s"),
                        "train.label_smoothing must be in [0, 1)")
+    assert_clean_error(lmforge("finetune", "--tokenizer", folder / "tok", "--data", folder / "train.tsv",
+                               "--data.packing", "true", "--data.group_by_length", "true", "--out", tmp_path / "s"),
+                       "data.group_by_length does nothing with data.packing")
+    assert_clean_error(lmforge("finetune", "--tokenizer", folder / "tok", "--data", folder / "train.tsv",
+                               "--model.preset", "encoder-tiny", "--question_match", "true", "--out", tmp_path / "s"),
+                       "question_match marks question words in QA contexts; this is a classification run")
 
 
 def test_pretrain_options_of_the_objective_reach_the_run(classifier, tmp_path):

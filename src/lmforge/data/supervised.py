@@ -98,25 +98,52 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, T
     return {"input_ids": input_ids, "labels": labels}
 
 
+GROUP_STEPS = 64  # steps' worth of rows sorted together by length_grouped_order
+
+
+def length_grouped_order(order: np.ndarray, lengths: np.ndarray, per_step: int, rng: np.random.Generator) -> np.ndarray:
+    """``order`` (a permutation of row indices) rearranged so that each step's ``per_step`` rows have
+    similar lengths (Hugging Face's ``group_by_length``, fairseq's length buckets): every run of
+    ``GROUP_STEPS * per_step`` rows is sorted by length, cut into steps, and the steps are shuffled with
+    ``rng``. Less padding per batch, and still a random mix of lengths from step to step."""
+    pieces = []
+    for start in range(0, len(order), GROUP_STEPS * per_step):
+        group = order[start:start + GROUP_STEPS * per_step]
+        group = group[np.argsort(-lengths[group], kind="stable")]
+        steps = [group[i:i + per_step] for i in range(0, len(group), per_step)]
+        pieces.extend(steps[i] for i in rng.permutation(len(steps)))
+    return np.concatenate(pieces) if pieces else order
+
+
 class ShuffledBatches:
     """Micro-batches of rows made by ``collate(rows)``; which rows step ``s`` uses depends only on
     ``(seed, s)``, so resuming needs no data position.
 
     Each epoch is a permutation of the rows drawn from ``numpy.random.default_rng([seed, epoch])``;
     a step takes the next ``batch_size * world_size * grad_accum`` rows of that sequence, split by
-    micro-batch and rank.
+    micro-batch and rank. With ``lengths`` (one per row) the permutation is rearranged by
+    :func:`length_grouped_order`, so that a step's rows have similar lengths.
     """
 
     def __init__(self, rows: list[Any], batch_size: int, grad_accum: int, seed: int,
-                 collate: Callable[[list[Any]], dict[str, Tensor]], rank: int = 0, world_size: int = 1):
+                 collate: Callable[[list[Any]], dict[str, Tensor]], rank: int = 0, world_size: int = 1,
+                 lengths: list[int] | None = None):
         self.rows, self.batch_size, self.grad_accum, self.seed = rows, batch_size, grad_accum, seed
         self.collate, self.rank, self.world_size = collate, rank, world_size
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
+        if self.lengths is not None and len(self.lengths) != len(rows):
+            raise ValueError(f"{len(self.lengths)} lengths for {len(rows)} rows")
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def _row(self, position: int) -> Any:
         epoch, index = divmod(position, len(self.rows))
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.rows))
+            if self.lengths is not None:
+                order = length_grouped_order(order, self.lengths, self.batch_size * self.world_size * self.grad_accum,
+                                             rng)
+            self._epoch, self._order = epoch, order
         return self.rows[self._order[index]]
 
     def batch(self, step: int, micro: int) -> dict[str, Tensor]:
@@ -133,5 +160,6 @@ class SupervisedBatches(ShuffledBatches):
     """:class:`ShuffledBatches` of encoded ``(ids, labels)`` rows, right-padded with ``pad_id``."""
 
     def __init__(self, rows: list[tuple[list[int], list[int]]], batch_size: int, grad_accum: int, seed: int,
-                 pad_id: int, rank: int = 0, world_size: int = 1):
-        super().__init__(rows, batch_size, grad_accum, seed, partial(collate, pad_id=pad_id), rank, world_size)
+                 pad_id: int, rank: int = 0, world_size: int = 1, group_by_length: bool = False):
+        super().__init__(rows, batch_size, grad_accum, seed, partial(collate, pad_id=pad_id), rank, world_size,
+                         [len(ids) for ids, _ in rows] if group_by_length else None)

@@ -160,7 +160,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         info.update(lora=to_dict(config.lora), base=base_reference(base))
     trainable, total = count_trainable(model)
     batches = SupervisedBatches(train_set.rows, train_config.batch_size, train_config.grad_accum, train_config.seed,
-                                pad_id, context.rank, context.world_size)
+                                pad_id, context.rank, context.world_size, config.data.group_by_length)
     generate = None
     if config.eval.examples:
         examples = generation_examples(val_records[:config.eval.examples], tokenizer, fmt)

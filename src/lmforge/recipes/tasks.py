@@ -67,6 +67,7 @@ class TaskRun:
     task_info: dict[str, Any]
     summary: str
     after: Callable[[TrainResult, nn.Module], None] | None = None  # e.g. tune thresholds on held-out data
+    row_length: Callable[[Any], int] = lambda row: len(row[0])  # tokens of a row, for data.group_by_length
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -214,7 +215,7 @@ def seq2seq_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: Tokenize
     summary = f"{len(train_rows)} {purpose} pairs, {len(val_rows)} held out"
     objective = partial(seq2seq_loss, label_smoothing=config.train.label_smoothing)
     return TaskRun(backbone, objective, train_rows, collate, evaluator, {"kind": "seq2seq", "purpose": purpose},
-                   summary)
+                   summary, row_length=lambda row: len(row[0]) + len(row[1]))
 
 
 def _json_has_field(path: str, name: str) -> bool:
@@ -343,8 +344,9 @@ def finetune_task(config: FinetuneConfig, task: str) -> TrainResult:
         raise ConfigError(f"train.best_metric {best!r} is not among this task's validation metrics: "
                           f"{', '.join(run.evaluator.metrics)}")
     train_config = config.train
+    lengths = [run.row_length(row) for row in run.train_rows] if config.data.group_by_length else None
     batches = ShuffledBatches(run.train_rows, train_config.batch_size, train_config.grad_accum, train_config.seed,
-                              run.collate, context.rank, context.world_size)
+                              run.collate, context.rank, context.world_size, lengths)
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))

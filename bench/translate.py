@@ -6,20 +6,22 @@ checkpoint by target loss) and ``val.{en,de}`` (1,014 pairs, the test set here).
 - Baseline: a Dice-coefficient lexicon from sentence co-occurrence in the training pairs (each English
   word, lowercased, becomes the German word maximising 2 c(e, d) / (c(e) + c(d)); unknown words are
   copied), applied word by word in English order.
-- lmforge: a byte-level BPE tokenizer (8,192, both languages) and a ``seq2seq-small`` model (3 + 3
-  layers, width 256, dropout 0.1, 128-token context) trained with ``FinetuneConfig(task="seq2seq",
-  data.path=train.en, data.target_path=train.de)`` for ``--max-time`` seconds in ``--dtype`` (default bf16
-  autocast) with label smoothing ``--label-smoothing``, each step's pairs of similar length
-  (``data.group_by_length``; ``--no-group-by-length`` draws them at random); a checkpoint every ``--save-interval`` steps,
-  and the mean of the last ``--average`` checkpoints (``lmforge.training.averaging``) is the result;
-  the checkpoint with the lowest held-out loss is reported beside it. Beam ``--beam`` decoding with
-  ``lm.translate``; with ``--tune-decoding`` every checkpoint is decoded with beams 4 and 8 and length
-  penalties 0.6, 1.0 and 1.5, and the row with the best BLEU on the held-out training pairs (never the
-  validation set) is the result. ``--checkpoints DIR ...`` evaluates existing checkpoints instead.
+- lmforge: a byte-level BPE tokenizer (``--vocab-size``, both languages) and a ``seq2seq-small`` model
+  (3 + 3 layers, width 256, dropout 0.1, 128-token context) trained with
+  ``FinetuneConfig(task="seq2seq", data.path=train.en, data.target_path=train.de)`` for ``--max-time``
+  seconds in ``--dtype`` (default bf16 autocast) with label smoothing ``--label-smoothing``, each
+  step's pairs of similar length (``data.group_by_length``; ``--no-group-by-length`` draws them at
+  random); a checkpoint every ``--save-interval`` steps, and the mean of the last ``--average``
+  checkpoints (``lmforge.training.averaging``) is the result; the checkpoint with the lowest
+  held-out loss is reported beside it. Beam ``--beam`` decoding with ``lm.translate``; with
+  ``--tune-decoding`` every checkpoint is decoded with beams 4 and 8 and length penalties 0.6, 1.0
+  and 1.5, and the row with the best BLEU on the held-out training pairs (never the validation set)
+  is the result. ``--checkpoints DIR ...`` evaluates existing checkpoints instead.
 Corpus BLEU (sacreBLEU 13a through ``lmforge.evaluation.metrics.bleu``) and chrF on the validation set.
 
-    python bench/translate.py [--max-time 3600] [--beam 4] [--dtype bf16] [--label-smoothing 0.1] [--no-group-by-length]
-                              [--average 5] [--save-interval 500] [--tune-decoding] [--checkpoints DIR ...]
+    python bench/translate.py [--max-time 3600] [--vocab-size 8192] [--beam 4] [--dtype bf16]
+                              [--label-smoothing 0.1] [--no-group-by-length] [--average 5]
+                              [--save-interval 500] [--tune-decoding] [--checkpoints DIR ...]
                               [--work DIR] [--quick] [--json FILE]
 """
 

@@ -6,9 +6,9 @@ Data (../shared/data): AG News (``train.csv`` 3,600 -> ``test.csv`` 2,000, 4 top
   (C=10), fitted on every training row.
 - lmforge: the encoder from bench/task_pretrain.py fine-tuned with ``FinetuneConfig(checkpoint=...,
   task="classification")`` for ``--max-time`` seconds (``--pooling``, default mean; ``--dtype``, default
-  fp32); every 10th training row is its ``data.val_path`` and the checkpoint with the best validation
-  ``--best-metric`` (default accuracy) is tested. Test accuracy and macro-F1 through
-  ``lmforge.evaluation.evaluate(lm, "classification", ...)``.
+  fp32; ``--dropout``, default the checkpoint's); every 10th training row is its ``data.val_path``
+  and the checkpoint with the best validation ``--best-metric`` (default accuracy) is tested. Test
+  accuracy and macro-F1 through ``lmforge.evaluation.evaluate(lm, "classification", ...)``.
 
     python bench/classify.py --encoder /tmp/lmforge-tasks/pretrain/mlm [--datasets ag_news,sst2]
                              [--max-time 300] [--work DIR] [--quick] [--json FILE]
@@ -59,6 +59,7 @@ def tfidf_baseline(train: list[dict], test: list[dict]) -> dict:
 def lmforge_classifier(encoder: str, train: list[dict], test: list[dict], work: Path, args: argparse.Namespace) -> dict:
     fit, val = split_off(train)
     options = {"checkpoint": encoder, "task": "classification", "out": str(work / "run"), "pooling": args.pooling,
+               "dropout": args.dropout,
                "data": {"path": str(write_jsonl(work / "train.jsonl", fit)),
                         "val_path": str(write_jsonl(work / "val.jsonl", val))},
                "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=32, warmup_steps=50,
@@ -83,6 +84,9 @@ def main() -> None:
     parser.add_argument("--pooling", default="mean", help="the classifier head's pooling: mean, first or last")
     parser.add_argument("--best-metric", default="accuracy", help="what picks the tested checkpoint: accuracy, loss")
     parser.add_argument("--dtype", default="fp32", help="fine-tuning precision: fp32 or bf16")
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="the encoder's dropout while fine-tuning (FinetuneConfig.dropout; default: the "
+                             "checkpoint's)")
     parser.add_argument("--work", default="/tmp/lmforge-tasks/classify")
     parser.add_argument("--quick", action="store_true", help="8 fine-tuning steps, 200 test rows")
     parser.add_argument("--json", default=None)
@@ -100,7 +104,8 @@ def main() -> None:
     for name, r in results.items():
         print_table(f"{name}: {r['train']} training rows, {r['test']} test rows (accuracy and macro-F1 in %)",
                     r["rows"], ["accuracy", "macro_f1", "train_s"])
-    write_json(args.json, {"encoder": args.encoder, "max_time": args.max_time, "results": results})
+    write_json(args.json, {"encoder": args.encoder, "max_time": args.max_time, "options": vars(args),
+                           "results": results})
 
 
 if __name__ == "__main__":

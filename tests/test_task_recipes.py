@@ -3,8 +3,10 @@ checkpoint with LanguageModel, use the task methods, and evaluate with the harne
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -175,6 +177,24 @@ def test_decoder_checkpoint_gets_a_classification_head(tmp_path, trained_run, ch
     assert lm.model.config.family == "decoder" and lm.classify("the song").label == "music"
 
 
+def test_fine_tuning_dropout_overrides_the_checkpoints(tmp_path, encoder_classifier, classification_files):
+    folder, tokenizer = classification_files
+    out, trained = encoder_classifier
+    assert read_config(trained.final_checkpoint)["model"]["dropout"] == 0.0
+    config = FinetuneConfig(checkpoint=str(trained.final_checkpoint), dropout=0.2, out=str(tmp_path / "run"),
+                            data=FinetuneDataConfig(path=str(folder / "train.csv"), val_fraction=0.2),
+                            train=train_options(max_steps=2, eval_interval=0))
+    result = finetune(config)
+    assert read_config(result.final_checkpoint)["model"]["dropout"] == 0.2
+    lm = LanguageModel.load(result.final_checkpoint, device="cpu")
+    assert {block.dropout for block in lm.model.backbone.blocks} == {0.2}
+    for bad, message in ((dict(dropout=1.0), "dropout must be in [0, 1), not 1.0"),
+                         (dict(checkpoint=None, tokenizer=str(tokenizer), dropout=0.1),
+                          "dropout overrides a base checkpoint's; from scratch, set model.dropout")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            finetune(dataclasses.replace(config, **bad))
+
+
 def test_zero_shot_classification_with_a_language_model(lm):
     result = lm.classify("def f(x): return x", labels=["code", "poem"])
     assert set(result.scores) == {"code", "poem"} and sum(result.scores.values()) == pytest.approx(1.0, abs=1e-5)
@@ -269,14 +289,20 @@ def qa_record(rng: random.Random) -> dict:
             "answers": {"text": [values[asked]], "answer_start": [start]}}
 
 
-def test_extractive_qa_learns_spans_and_maps_them_to_characters(tmp_path):
+def qa_config(folder: Path, steps: int, **options) -> tuple[FinetuneConfig, Path]:
+    """A QA run from scratch on 600 synthetic questions: (config, data file)."""
     rng = random.Random(2)
     records = [qa_record(rng) for _ in range(600)]
-    data = write_jsonl(tmp_path / "qa.jsonl", records)
-    tokenizer = char_tokenizer(tmp_path / "tok", [r["context"] + r["question"] for r in records])
+    data = write_jsonl(folder / "qa.jsonl", records)
+    tokenizer = char_tokenizer(folder / "tok", [r["context"] + r["question"] for r in records])
     config = FinetuneConfig(tokenizer=str(tokenizer), model=tiny("encoder", block_size=96, n_embd=64, position="rope"),
-                            out=str(tmp_path / "run"), data=FinetuneDataConfig(path=str(data), val_fraction=0.1),
-                            train=train_options(max_steps=600, lr=2e-3, eval_interval=100))
+                            out=str(folder / "run"), data=FinetuneDataConfig(path=str(data), val_fraction=0.1),
+                            train=train_options(max_steps=steps, lr=2e-3, eval_interval=100), **options)
+    return config, data
+
+
+def test_extractive_qa_learns_spans_and_maps_them_to_characters(tmp_path):
+    config, data = qa_config(tmp_path, steps=600)
     assert resolve_task(config) == "qa"
     result = finetune(config)
     assert result.metrics["val_f1"] > 60
@@ -290,18 +316,11 @@ def test_extractive_qa_learns_spans_and_maps_them_to_characters(tmp_path):
 
 
 def test_qa_with_question_match_features(tmp_path):
-    rng = random.Random(2)
-    records = [qa_record(rng) for _ in range(600)]
-    data = write_jsonl(tmp_path / "qa.jsonl", records)
-    tokenizer = char_tokenizer(tmp_path / "tok", [r["context"] + r["question"] for r in records])
-    config = FinetuneConfig(tokenizer=str(tokenizer), model=tiny("encoder", block_size=96, n_embd=64, position="rope"),
-                            out=str(tmp_path / "run"), question_match=True,
-                            data=FinetuneDataConfig(path=str(data), val_fraction=0.1),
-                            train=train_options(max_steps=300, lr=2e-3, eval_interval=100))
+    config, _ = qa_config(tmp_path, steps=300, question_match=True)
     result = finetune(config)
     assert result.metrics["val_f1"] > 60
     task = read_config(result.best_checkpoint)["task"]
-    assert task["kind"] == "qa" and task["separator_id"] == Tokenizer.load(tokenizer).eos_id
+    assert task["kind"] == "qa" and task["separator_id"] == Tokenizer.load(config.tokenizer).eos_id
     lm = LanguageModel.load(result.best_checkpoint, device="cpu")
     context = "The animal is eel. The city is Lima. The colour is blue."
     answer = lm.answer("What is the city?", context)

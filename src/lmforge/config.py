@@ -349,6 +349,8 @@ class FinetuneConfig:
                                   "(over the real tokens), or auto (first for encoders, last for causal models)")
     question_match: bool = option(False, "qa: mark the context tokens that also occur in the question with a "
                                          "learned input embedding (DrQA's exact-match feature; helps small data)")
+    dropout: float | None = option(None, "dropout while fine-tuning a checkpoint (default: its model.dropout; "
+                                         "e.g. 0.1 for an encoder pretrained without); from scratch: model.dropout")
     tokenizer: str | None = option(None, "from scratch: tokenizer directory or tokenizer.json")
     model: ModelConfig = field(default_factory=ModelConfig)
     out: str = option("runs/finetune", "run directory for checkpoints, metrics and plots")
@@ -367,6 +369,11 @@ class FinetuneConfig:
                               "--tokenizer DIR and --model.preset NAME)")
         if self.checkpoint and self.tokenizer:
             raise ConfigError("give a base checkpoint or a tokenizer to start from scratch, not both")
+        if self.dropout is not None:
+            if not self.checkpoint:
+                raise ConfigError("dropout overrides a base checkpoint's; from scratch, set model.dropout")
+            if not 0.0 <= self.dropout < 1.0:
+                raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
         if not self.checkpoint:
             self.model.validate()
         self.data.validate()

@@ -90,7 +90,7 @@ def load_base(config: FinetuneConfig, run_dir: Path, context: DistContext) -> tu
         barrier(context)
         base = converted
     base = resolve_checkpoint(base)
-    model, tokenizer, _ = load_model(base)
+    model, tokenizer, _ = load_model(base, dropout=config.dropout)
     if has_lora(model):
         raise ConfigError(f"{base} is a LoRA checkpoint; merge it first ('lmforge merge-lora') and fine-tune "
                           f"the merged checkpoint")

@@ -78,7 +78,7 @@ def load_backbone(config: FinetuneConfig) -> tuple[nn.Module, Tokenizer, str]:
     """(backbone model, tokenizer, where it came from). Heads of a task checkpoint are dropped."""
     if config.checkpoint:
         path = resolve_checkpoint(config.checkpoint)
-        model, tokenizer, _ = load_model(path)
+        model, tokenizer, _ = load_model(path, dropout=config.dropout)
         return getattr(model, "backbone", model), tokenizer, str(path.resolve())
     tokenizer = Tokenizer.load(config.tokenizer)
     model_config = config.model

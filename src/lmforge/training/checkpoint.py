@@ -109,20 +109,25 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
+def load_model(path: str | Path, device: torch.device | str = "cpu",
+               dropout: float | None = None) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
     """Load a checkpoint directory (or a run directory: see :func:`resolve_checkpoint`).
 
-    Returns ``(model in eval mode on device, tokenizer, config.json contents)``.
+    ``dropout``, if given, replaces the saved ``model.dropout`` (fine-tuning a checkpoint pretrained
+    without dropout, as BERT is fine-tuned with 0.1). Returns ``(model in eval mode on device,
+    tokenizer, config.json contents)``.
     """
     path = resolve_checkpoint(path)
     config = read_config(path)
     model_config = config_from_dict(config["model"])
+    if dropout is not None:
+        model_config.dropout = dropout
     tokenizer = Tokenizer.load(path)
     if model_config.vocab_size < tokenizer.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{model_config.vocab_size}")
     if "lora" in config:  # the base model, then its adapters (unmerged)
-        model, _, _ = load_model(base_checkpoint(path, config))
+        model, _, _ = load_model(base_checkpoint(path, config), dropout=dropout)
         apply_lora(model, LoraConfig(**config["lora"]))
     else:
         model = with_task_head(build_model(model_config), config.get("task"), path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +117,52 @@ def test_vocabulary_mismatch_is_a_config_error(char_data, tmp_path):
     config.model.vocab_size = 10
     with pytest.raises(ConfigError, match="vocab"):
         pretrain(config)
+
+
+# ------------------------------------------------------------------ continued pretraining (init)
+def test_continued_pretraining_starts_from_the_checkpoints_weights(trained_run, char_data, tmp_path):
+    base = resolve_checkpoint(trained_run)
+    same = tiny_pretrain_config(char_data, tmp_path / "same", max_steps=1, lr=1e-12, min_lr=0.0, warmup_steps=0,
+                                save_interval=0, eval_interval=0)
+    same.model.n_layer, same.init = 1, str(trained_run)  # the checkpoint's architecture replaces model
+    pretrain(same)
+    before, after = weights(base), weights(tmp_path / "same" / "checkpoints" / "final")
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-6)
+    assert yaml.safe_load((tmp_path / "same" / "config.yaml").read_text())["init"] == str(trained_run)
+
+    continued = tiny_pretrain_config(char_data, tmp_path / "continued", max_steps=20, save_interval=0,
+                                     eval_interval=10)
+    continued.init = str(trained_run)
+    scratch = tiny_pretrain_config(char_data, tmp_path / "scratch", max_steps=20, save_interval=0, eval_interval=10)
+    assert pretrain(continued).metrics["val_loss"] < pretrain(scratch).metrics["val_loss"] - 0.5
+
+
+def test_continued_pretraining_errors(trained_run, char_data, tmp_path, corpus_file):
+    from lmforge.data.shards import prepare
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.training.checkpoint import update_task_info
+
+    config = tiny_pretrain_config(char_data, tmp_path / "run", max_steps=2)
+    config.init = str(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        pretrain(config)
+    other = tmp_path / "other"  # the same text under a BPE tokenizer
+    Tokenizer.train([corpus_file.read_text()], kind="bpe", vocab_size=300).save(other / "tokenizer")
+    prepare([corpus_file], other / "tokenizer", other / "data", progress=False)
+    config = tiny_pretrain_config(other / "data", tmp_path / "run", max_steps=2)
+    config.init = str(trained_run)
+    with pytest.raises(ConfigError, match=r"prepared with another tokenizer.*lmforge prepare --tokenizer"):
+        pretrain(config)
+    classifier = tmp_path / "classifier"
+    shutil.copytree(resolve_checkpoint(trained_run), classifier)
+    update_task_info(classifier, {"kind": "classification", "labels": ["a", "b"]})
+    config = tiny_pretrain_config(char_data, tmp_path / "run", max_steps=2)
+    config.init = str(classifier)
+    with pytest.raises(CheckpointError, match="holds a classification model"):
+        pretrain(config)
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ exact resume after SIGKILL

@@ -80,16 +80,22 @@ def _pretrain_config(args: argparse.Namespace) -> Any:
         values["model"] = {"preset": values["model"]}
     overrides = namespace_to_dict(args, keep=field_names(PretrainConfig))
     config = build_dataclass(PretrainConfig, deep_merge(values, overrides))
-    if not config.model.preset and "model" not in values and "model" not in overrides:
-        raise ConfigError("no model: give --model PRESET (see 'lmforge presets') or a 'model:' section")
+    model_given = bool(config.model.preset) or "model" in values or "model" in overrides
+    if config.init and model_given:
+        raise ConfigError("--init continues pretraining a checkpoint with its own architecture; drop --model and "
+                          "the 'model:' section")
+    if not config.init and not model_given:
+        raise ConfigError("no model: give --model PRESET (see 'lmforge presets') or a 'model:' section, or --init "
+                          "CHECKPOINT to continue pretraining one")
     return config
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int | None:
-    from lmforge.recipes.pretrain import check_inputs, pretrain
+    from lmforge.recipes.pretrain import adopt_initial_model, check_inputs, pretrain
     from lmforge.training.distributed import launch
 
     config = _pretrain_config(args)
+    adopt_initial_model(config)
     config.validate()
     if config.nproc > 1 and "RANK" not in os.environ:  # launch the workers; they run the branch below
         check_inputs(config)

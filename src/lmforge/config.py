@@ -249,6 +249,9 @@ class PretrainConfig:
     denoise_probability: float = option(0.3, "denoise: share of tokens inside the masked spans")
     denoise_mean_span: float = option(3.0, "denoise: mean length of a masked span (Poisson), each replaced by "
                                            "one mask token")
+    init: str | None = option(None, "continued pretraining: start from this checkpoint (or run directory), "
+                                    "its weights and architecture (replacing model); prepare the data with its "
+                                    "tokenizer")
     resume: bool = option(False, "continue from the last checkpoint in the run directory")
     nproc: int = option(1, "processes to launch with torchrun (DDP); 1 runs in this process")
 

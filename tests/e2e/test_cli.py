@@ -131,6 +131,18 @@ def test_config_errors(workflow, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_continued_pretraining(workflow, tmp_path):
+    result = lmforge("pretrain", "--data", workflow / "data", "--init", workflow / "run", "--out", tmp_path / "more",
+                     "--max-steps", 10, "--train.eval_interval", 0, "--train.progress", "false")
+    assert result.returncode == 0, result.stderr
+    assert "trained 10 steps" in result.stdout
+    assert_clean_error(lmforge("pretrain", "--data", workflow / "data", "--init", workflow / "run", "--model",
+                               "gpt2-tiny", "--out", tmp_path / "x"), "--init", "drop --model")
+    assert_clean_error(lmforge("pretrain", "--data", workflow / "data", "--init", tmp_path / "nothing", "--out",
+                               tmp_path / "x"), "does not exist")
+    assert not (tmp_path / "x").exists()
+
+
 def test_vocabulary_mismatch(workflow, tmp_path):
     assert_clean_error(lmforge("pretrain", "--data", workflow / "data", "--model", "gpt2-tiny", "--model.vocab_size",
                                "50", "--out", tmp_path / "r", "--max-steps", "2"), "vocab")

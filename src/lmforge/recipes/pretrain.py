@@ -28,7 +28,13 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fileio import atomic_write_text
 from lmforge.models import build_model, config_from_dict
 from lmforge.tokenizer import Tokenizer
-from lmforge.training.checkpoint import latest_checkpoint, read_config
+from lmforge.training.checkpoint import (
+    MODEL_FILE,
+    latest_checkpoint,
+    load_weights,
+    read_config,
+    resolve_checkpoint,
+)
 from lmforge.training.distributed import DistContext, all_reduce_sum
 from lmforge.training.loop import Objective, TrainResult, setup_runtime, train
 from lmforge.training.objectives import (
@@ -109,20 +115,49 @@ def resolve_model_config(config: PretrainConfig, vocab_size: int) -> ModelConfig
     return model
 
 
+def adopt_initial_model(config: PretrainConfig) -> Path | None:
+    """With ``config.init``: its checkpoint directory, whose architecture replaces ``config.model``."""
+    if not config.init:
+        return None
+    path = resolve_checkpoint(config.init)
+    saved = read_config(path)
+    if "task" in saved or "lora" in saved:
+        kind = "LoRA adapters" if "lora" in saved else f"a {saved['task'].get('kind')} model"
+        raise CheckpointError(f"init: {path} holds {kind}; continued pretraining starts from a pretrained "
+                              f"language model (merge LoRA adapters first with 'lmforge merge-lora')")
+    config.model = config_from_dict(saved["model"])
+    return path
+
+
+def check_initial_tokenizer(path: Path, tokenizer: Tokenizer, data_dir: str) -> None:
+    """The data of a continued pretraining run must be token ids of the checkpoint's tokenizer."""
+    if Tokenizer.load(path).fingerprint() != tokenizer.fingerprint():
+        raise ConfigError(f"the data in {data_dir} was prepared with another tokenizer than {path}'s; prepare it "
+                          f"with 'lmforge prepare --tokenizer {path}'")
+
+
 def check_inputs(config: PretrainConfig) -> None:
     """Fail early (before launching workers) on bad options or data."""
+    init = adopt_initial_model(config)
     config.validate()
     data = TokenData(config.data)
-    resolve_model_config(config, run_tokenizer(config, data).vocab_size)
+    tokenizer = run_tokenizer(config, data)
+    if init is not None:
+        check_initial_tokenizer(init, tokenizer, config.data)
+    resolve_model_config(config, tokenizer.vocab_size)
     RandomWindows(data.train, config.model.block_size, config.train.batch_size)
     eval_window_starts(len(data.val), config.model.block_size)
 
 
 def pretrain(config: PretrainConfig) -> TrainResult:
-    """Run (or resume) a pretraining run described by ``config``."""
+    """Run (or resume) a pretraining run described by ``config``; with ``config.init``, continue
+    pretraining that checkpoint (e.g. on the text of a domain or task) in a new run."""
+    init = adopt_initial_model(config)
     config.validate()
     data = TokenData(config.data)
     tokenizer = run_tokenizer(config, data)
+    if init is not None:
+        check_initial_tokenizer(init, tokenizer, config.data)
     run_dir = Path(config.out)
     model_config = resolve_model_config(config, tokenizer.vocab_size)
     resume_from = latest_checkpoint(run_dir) if config.resume else None
@@ -139,6 +174,9 @@ def pretrain(config: PretrainConfig) -> TrainResult:
     train_config = config.train
     runtime = setup_runtime(train_config)
     model = build_model(model_config)
+    if init is not None and resume_from is None:  # a resumed run loads its own newer weights
+        load_weights(model, init / MODEL_FILE)
+        log.info("continued pretraining from %s", init)
     if runtime.context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
@@ -152,6 +190,7 @@ def pretrain(config: PretrainConfig) -> TrainResult:
     objective, summed_loss = objectives(config, tokenizer)
     evaluator = WindowLossEvaluator(data.val, model_config.block_size, eval_batch, train_config.eval_windows,
                                     train_config.final_eval_windows, context, summed_loss)
-    info = {"data": str(config.data), "recipe": "pretrain", "objective": config.resolved_objective}
+    info = {"data": str(config.data), "recipe": "pretrain", "objective": config.resolved_objective,
+            **({"init": str(init)} if init is not None else {})}
     return train(model, objective, batches, evaluator, tokenizer, train_config, run_dir, runtime,
                  resume=config.resume, info=info)

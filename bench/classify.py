@@ -9,20 +9,30 @@ Data (../shared/data): AG News (``train.csv`` 3,600 -> ``test.csv`` 2,000, 4 top
   fp32; ``--dropout``, default the checkpoint's); every 10th training row is its ``data.val_path``
   and the checkpoint with the best validation ``--best-metric`` (default accuracy) is tested. Test
   accuracy and macro-F1 through ``lmforge.evaluation.evaluate(lm, "classification", ...)``.
+- ``--adapt S``: first S seconds of task-adaptive pretraining (the encoder's MLM continued on the
+  training texts, without labels: ``PretrainConfig(init=encoder)``). ``--seeds N``: N fine-tunings
+  (seeds 1..N) tested one by one, as an ensemble (mean of their label probabilities) and as a soup
+  (the mean of their weights, ``lmforge.training.averaging.average_checkpoints``).
 
     python bench/classify.py --encoder /tmp/lmforge-tasks/pretrain/mlm [--datasets ag_news,sst2]
-                             [--max-time 300] [--work DIR] [--quick] [--json FILE]
+                             [--max-time 300] [--adapt 0] [--seeds 1] [--work DIR] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 from pathlib import Path
 
 from lmforge.api import LanguageModel
+from lmforge.config import PretrainConfig, TrainConfig
+from lmforge.data.shards import prepare
 from lmforge.evaluation import evaluate
 from lmforge.evaluation.metrics import accuracy, macro_f1
+from lmforge.recipes.pretrain import pretrain
+from lmforge.training.averaging import average_checkpoints
+from lmforge.training.checkpoint import resolve_checkpoint
 from tasklib import (
     DATA,
     ag_news,
@@ -56,21 +66,79 @@ def tfidf_baseline(train: list[dict], test: list[dict]) -> dict:
             "macro_f1": 100 * macro_f1(predictions, gold), "train_s": seconds}
 
 
-def lmforge_classifier(encoder: str, train: list[dict], test: list[dict], work: Path, args: argparse.Namespace) -> dict:
+def lmforge_classifier(encoder: str, train: list[dict], test: list[dict], work: Path, args: argparse.Namespace,
+                       seed: int = 1) -> tuple[dict, Path]:
+    """Fine-tune the encoder once (seed ``seed``); its test row and its best checkpoint."""
     fit, val = split_off(train)
     options = {"checkpoint": encoder, "task": "classification", "out": str(work / "run"), "pooling": args.pooling,
                "dropout": args.dropout,
                "data": {"path": str(write_jsonl(work / "train.jsonl", fit)),
                         "val_path": str(write_jsonl(work / "val.jsonl", val))},
                "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=32, warmup_steps=50,
-                                      eval_interval=args.eval_interval, weight_decay=0.01,
+                                      eval_interval=args.eval_interval, weight_decay=0.01, seed=seed,
                                       best_metric=args.best_metric, dtype=args.dtype, eval_windows=None,
                                       **({"max_steps": args.max_steps} if args.max_steps else {}))}
     result, seconds = run_finetune(options)
-    lm = LanguageModel.load(result.best_checkpoint, device="cpu")
+    row = {"model": "lmforge MLM encoder" + (f" (seed {seed})" if args.seeds > 1 else ""),
+           **test_scores(LanguageModel.load(result.best_checkpoint, device="cpu"), test, work),
+           "train_s": seconds, "steps": result.step}
+    return row, Path(result.best_checkpoint)
+
+
+def test_scores(lm: LanguageModel, test: list[dict], work: Path) -> dict:
+    """Accuracy and macro-F1 (%) through ``lmforge.evaluation.evaluate``."""
     report = evaluate(lm, "classification", str(write_jsonl(work / "test.jsonl", test)), progress=False)
-    return {"model": "lmforge MLM encoder", "accuracy": 100 * report["metrics"]["accuracy"],
-            "macro_f1": 100 * report["metrics"]["macro_f1"], "train_s": seconds, "steps": result.step}
+    return {"accuracy": 100 * report["metrics"]["accuracy"], "macro_f1": 100 * report["metrics"]["macro_f1"]}
+
+
+def ensemble_scores(checkpoints: list[Path], test: list[dict]) -> dict:
+    """Accuracy and macro-F1 (%) of the mean of the classifiers' label probabilities."""
+    texts, gold = [r["text"] for r in test], [r["label"] for r in test]
+    totals = [Counter() for _ in texts]
+    for checkpoint in checkpoints:
+        for total, scored in zip(totals, LanguageModel.load(checkpoint, device="cpu").classify(texts)):
+            total.update(scored.scores)
+    predictions = [total.most_common(1)[0][0] for total in totals]
+    return {"accuracy": 100 * accuracy(predictions, gold), "macro_f1": 100 * macro_f1(predictions, gold)}
+
+
+def adapt_encoder(encoder: str, train: list[dict], work: Path, args: argparse.Namespace) -> tuple[str, float]:
+    """Task-adaptive pretraining: the encoder's MLM continued on the training texts (no labels) for
+    ``--adapt`` seconds (``PretrainConfig.init``); (its run directory, seconds)."""
+    start = time.perf_counter()
+    tokenizer = resolve_checkpoint(encoder)  # its tokenizer.json, mask token included
+    texts = write_jsonl(work / "adapt-texts.jsonl", [{"text": r["text"]} for r in train])
+    prepare([texts], tokenizer, work / "adapt-data", val_fraction=0.05, progress=False)
+    options = dict(max_steps=None, max_time=args.adapt, lr=args.adapt_lr, warmup_steps=50, batch_size=16,
+                   eval_interval=200, eval_windows=32, final_eval_windows=None, save_interval=0, log_interval=20,
+                   progress=False, device="cpu", dtype=args.dtype, seed=1)
+    if args.quick:
+        options.update(max_time=None, max_steps=4, eval_interval=0, final_eval_windows=8)
+    pretrain(PretrainConfig(data=str(work / "adapt-data"), out=str(work / "adapt"), init=encoder,
+                            train=TrainConfig(**options)))
+    return str(work / "adapt" / "checkpoints" / "final"), time.perf_counter() - start
+
+
+def lmforge_rows(encoder: str, train: list[dict], test: list[dict], work: Path, args: argparse.Namespace) -> list[dict]:
+    """One fine-tuned classifier, or with ``--seeds N`` N of them, their ensemble and their soup; with
+    ``--adapt`` the encoder first continues its MLM pretraining on the training texts."""
+    adapt_seconds = 0.0
+    if args.adapt:
+        encoder, adapt_seconds = adapt_encoder(encoder, train, work, args)
+    members = [lmforge_classifier(encoder, train, test, work / (f"seed{seed}" if args.seeds > 1 else ""), args, seed)
+               for seed in range(1, args.seeds + 1)]
+    rows = [row for row, _ in members]
+    for row in rows:
+        row["adapt_s"] = adapt_seconds
+    if args.seeds == 1:
+        return rows
+    checkpoints = [checkpoint for _, checkpoint in members]
+    total = {"train_s": adapt_seconds + sum(r["train_s"] for r in rows), "adapt_s": adapt_seconds,
+             "steps": sum(r["steps"] for r in rows)}
+    soup = LanguageModel.load(average_checkpoints(checkpoints, work / "soup"), device="cpu")
+    return [{"model": f"lmforge ensemble of {args.seeds}", **ensemble_scores(checkpoints, test), **total},
+            {"model": f"lmforge soup of {args.seeds}", **test_scores(soup, test, work), **total},
+            *rows]
 
 
 def main() -> None:
@@ -87,6 +155,12 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=None,
                         help="the encoder's dropout while fine-tuning (FinetuneConfig.dropout; default: the "
                              "checkpoint's)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="fine-tune N times (seeds 1..N, --max-time each); also test their ensemble (mean "
+                             "probabilities) and their soup (mean weights)")
+    parser.add_argument("--adapt", type=float, default=0.0,
+                        help="seconds of task-adaptive MLM pretraining on the training texts before fine-tuning")
+    parser.add_argument("--adapt-lr", type=float, default=5e-4, help="peak learning rate of --adapt")
     parser.add_argument("--work", default="/tmp/lmforge-tasks/classify")
     parser.add_argument("--quick", action="store_true", help="8 fine-tuning steps, 200 test rows")
     parser.add_argument("--json", default=None)
@@ -98,12 +172,11 @@ def main() -> None:
         train, test = DATASETS[name]("train"), DATASETS[name]("test")
         if args.quick:
             test = test[:200]
-        rows = [tfidf_baseline(train, test),
-                lmforge_classifier(args.encoder, train, test, Path(args.work) / name, args)]
+        rows = [tfidf_baseline(train, test), *lmforge_rows(args.encoder, train, test, Path(args.work) / name, args)]
         results[name] = {"train": len(train), "test": len(test), "rows": rows}
     for name, r in results.items():
         print_table(f"{name}: {r['train']} training rows, {r['test']} test rows (accuracy and macro-F1 in %)",
-                    r["rows"], ["accuracy", "macro_f1", "train_s"])
+                    r["rows"], ["accuracy", "macro_f1", "train_s", "adapt_s"])
     write_json(args.json, {"encoder": args.encoder, "max_time": args.max_time, "options": vars(args),
                            "results": results})
 

@@ -129,7 +129,7 @@ def main() -> None:
                                       warmup_steps=args.warmup,
                                       eval_interval=500, eval_windows=None, weight_decay=0.01, dtype=args.dtype,
                                       label_smoothing=args.label_smoothing, save_interval=args.save_interval,
-                                      keep_checkpoints=max(args.average - 1, 1))}
+                                      keep_checkpoints=args.average)}
     if args.quick:
         options["model"].update(n_layer=1, n_decoder_layer=1, n_embd=64)
         options["train"].update(save_interval=2)  # checkpoints at steps 2, 4, 6 and final (8)

@@ -121,10 +121,13 @@ def adopt_initial_model(config: PretrainConfig) -> Path | None:
         return None
     path = resolve_checkpoint(config.init)
     saved = read_config(path)
-    if "task" in saved or "lora" in saved:
-        kind = "LoRA adapters" if "lora" in saved else f"a {saved['task'].get('kind')} model"
-        raise CheckpointError(f"init: {path} holds {kind}; continued pretraining starts from a pretrained "
-                              f"language model (merge LoRA adapters first with 'lmforge merge-lora')")
+    if "lora" in saved:
+        raise CheckpointError(f"init: {path} holds LoRA adapters; merge them into full weights first "
+                              f"('lmforge merge-lora') and continue pretraining the merged checkpoint")
+    kind = (saved.get("task") or {}).get("kind")
+    if kind in ("classification", "qa"):
+        raise CheckpointError(f"init: {path} holds a {kind} model (a task head on a backbone); continued "
+                              f"pretraining starts from a language model")
     config.model = config_from_dict(saved["model"])
     return path
 

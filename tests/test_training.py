@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -161,6 +162,13 @@ def test_continued_pretraining_errors(trained_run, char_data, tmp_path, corpus_f
     config = tiny_pretrain_config(char_data, tmp_path / "run", max_steps=2)
     config.init = str(classifier)
     with pytest.raises(CheckpointError, match="holds a classification model"):
+        pretrain(config)
+    adapters = tmp_path / "adapters"
+    shutil.copytree(resolve_checkpoint(trained_run), adapters)
+    saved = json.loads((adapters / "config.json").read_text())
+    (adapters / "config.json").write_text(json.dumps({**saved, "lora": {"r": 4}}))
+    config.init = str(adapters)
+    with pytest.raises(CheckpointError, match="holds LoRA adapters; merge them"):
         pretrain(config)
     assert not (tmp_path / "run").exists()
 

@@ -160,3 +160,129 @@ def test_denoising_objective_trains_an_encoder_decoder_to_read_its_source(tmp_pa
                                     train=FinetuneTrainConfig(max_steps=5, device="cpu", progress=False,
                                                               dtype="fp32", eval_interval=0, save_interval=0)))
     assert read_config(tuned.final_checkpoint)["task"]["kind"] == "seq2seq"
+
+
+# ------------------------------------------------------------------------------------------
+# R-Drop (train.rdrop): two dropout passes of each batch and the symmetric KL between them
+# ------------------------------------------------------------------------------------------
+class TwoPasses(nn.Module):
+    """A stand-in for a model with dropout: row i of what it is given gets ``logits`` (of the batch
+    once) plus ``noise[i]``, so a batch given twice gets two different "passes"."""
+
+    def __init__(self, logits: torch.Tensor, noise: torch.Tensor):
+        super().__init__()
+        self.logits, self.noise = logits, noise
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        n = input_ids.shape[0]
+        return self.logits.repeat(n // self.logits.shape[0], *[1] * (self.logits.dim() - 1)) + self.noise[:n]
+
+
+def test_symmetric_kl_is_the_mean_of_the_two_kl_divergences():
+    from lmforge.training.objectives import symmetric_kl
+
+    torch.manual_seed(2)
+    a, b = torch.randn(7, 5), torch.randn(7, 5)
+    log_a, log_b = a.log_softmax(-1), b.log_softmax(-1)
+    expected = (F.kl_div(log_b, log_a, log_target=True, reduction="batchmean")
+                + F.kl_div(log_a, log_b, log_target=True, reduction="batchmean")) / 2
+    torch.testing.assert_close(symmetric_kl(a, b), expected)
+    assert symmetric_kl(a, a + 3.0).item() == pytest.approx(0.0, abs=1e-6)  # the same distributions
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 4.0])
+def test_seq2seq_rdrop_is_the_mean_loss_of_two_passes_plus_their_kl_on_target_tokens(alpha):
+    from lmforge.training.objectives import symmetric_kl
+
+    torch.manual_seed(3)
+    logits, noise = torch.randn(2, 5, 11), torch.randn(4, 5, 11)
+    labels = torch.randint(11, (2, 5))
+    labels[1, 2:] = IGNORE_INDEX
+    batch = {"input_ids": labels.clamp_min(0), "labels": labels, "attention_mask": torch.ones(2, 5, dtype=torch.bool),
+             "decoder_input_ids": labels.clamp_min(0)}
+    model = TwoPasses(logits, noise)
+    if not alpha:  # off: one pass
+        torch.testing.assert_close(seq2seq_loss(model, batch), smoothed((logits + noise[:2]).flatten(0, 1),
+                                                                        labels.flatten(), 0.0))
+        return
+    first, second = logits + noise[:2], logits + noise[2:]
+    both = smoothed(torch.cat([first, second]).flatten(0, 1), labels.repeat(2, 1).flatten(), 0.1)
+    keep = labels != IGNORE_INDEX
+    expected = both + alpha * symmetric_kl(first[keep], second[keep])
+    torch.testing.assert_close(seq2seq_loss(model, batch, label_smoothing=0.1, rdrop=alpha), expected)
+
+
+def test_classification_rdrop_single_and_multi_label():
+    torch.manual_seed(4)
+    logits, noise = torch.randn(6, 4), torch.randn(12, 4)
+    first, second = logits + noise[:6], logits + noise[6:]
+    batch = {"input_ids": torch.zeros(6, 3, dtype=torch.long), "attention_mask": torch.ones(6, 3, dtype=torch.bool),
+             "labels": torch.randint(4, (6,))}
+    model = TwoPasses(logits, noise)
+    kl = (F.kl_div(second.log_softmax(-1), first.log_softmax(-1), log_target=True, reduction="batchmean")
+          + F.kl_div(first.log_softmax(-1), second.log_softmax(-1), log_target=True, reduction="batchmean")) / 2
+    expected = F.cross_entropy(torch.cat([first, second]), batch["labels"].repeat(2)) + 0.7 * kl
+    torch.testing.assert_close(classification_loss(model, batch, rdrop=0.7), expected)
+    # multi-label: one Bernoulli per label; KL(a||b) + KL(b||a) = (p_a - p_b)(z_a - z_b) for logits z
+    multi = torch.randint(2, (6, 4))
+    bernoulli = ((first.sigmoid() - second.sigmoid()) * (first - second)).mean() / 2
+    expected = F.binary_cross_entropy_with_logits(torch.cat([first, second]), multi.repeat(2, 1).float()) \
+        + 0.7 * bernoulli
+    torch.testing.assert_close(classification_loss(model, {**batch, "labels": multi}, rdrop=0.7), expected)
+
+
+def test_rdrop_adds_nothing_to_a_model_without_dropout():
+    from lmforge.config import ModelConfig
+    from lmforge.models.seq2seq import Seq2SeqLM
+
+    torch.manual_seed(5)
+    model = Seq2SeqLM(ModelConfig(family="seq2seq", vocab_size=30, block_size=12, n_layer=1, n_head=2, n_embd=16,
+                                  dropout=0.0)).train()
+    labels = torch.randint(30, (3, 6))
+    batch = {"input_ids": torch.randint(30, (3, 8)), "attention_mask": torch.ones(3, 8, dtype=torch.bool),
+             "decoder_input_ids": labels, "labels": labels}
+    torch.testing.assert_close(seq2seq_loss(model, batch, rdrop=5.0), seq2seq_loss(model, batch))
+    with_dropout = Seq2SeqLM(ModelConfig(family="seq2seq", vocab_size=30, block_size=12, n_layer=1, n_head=2,
+                                         n_embd=16, dropout=0.3)).train()
+    kl_free = torch.stack([seq2seq_loss(with_dropout, batch) for _ in range(200)]).mean()
+    assert seq2seq_loss(with_dropout, batch, rdrop=5.0) > kl_free + 0.01  # two dropout passes disagree
+
+
+def test_rdrop_trains_seq2seq_and_is_checked_and_refused_elsewhere(tmp_path):
+    from lmforge.config import ModelConfig, PretrainConfig
+    from lmforge.recipes.finetune import finetune
+    from lmforge.tokenizer import Tokenizer
+
+    with pytest.raises(ConfigError, match=r"train.rdrop must be >= 0"):
+        TrainConfig(rdrop=-0.5).validate()
+    with pytest.raises(ConfigError, match="train.rdrop is for seq2seq and classification fine-tuning, not pretraining"):
+        PretrainConfig(data=str(tmp_path), train=TrainConfig(rdrop=1.0)).validate()
+    Tokenizer.train(["0123456789 The sky is blue. What is blue?"], "char").save(tmp_path / "tok")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"context": "The sky is blue.", "question": "What is blue?", '
+                  '"answers": {"text": ["The sky"], "answer_start": [0]}}\n' * 4, encoding="utf-8")
+    config = FinetuneConfig(tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "qa-run"),
+                            data=FinetuneDataConfig(path=str(qa)),
+                            train=FinetuneTrainConfig(rdrop=1.0, device="cpu", progress=False))
+    config.model.family = "encoder"
+    with pytest.raises(ConfigError, match="train.rdrop is for seq2seq and classification fine-tuning; this is a qa"):
+        finetune(config)
+    assert not (tmp_path / "qa-run").exists()
+    # shifting digits (d -> d + 1 mod 10) from scratch with R-Drop: the loss falls below chance (ln 10 = 2.3)
+    import random
+
+    rng = random.Random(0)
+    sources = ["".join(rng.choice("0123456789") for _ in range(rng.randint(3, 6))) for _ in range(400)]
+    (tmp_path / "src.txt").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    shifted = ["".join(str((int(d) + 1) % 10) for d in s) for s in sources]
+    (tmp_path / "tgt.txt").write_text("\n".join(shifted) + "\n", encoding="utf-8")
+    config = FinetuneConfig(tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "mt"),
+                            model=ModelConfig(family="seq2seq", n_layer=2, n_head=2, n_embd=32, block_size=12,
+                                              dropout=0.1),
+                            data=FinetuneDataConfig(path=str(tmp_path / "src.txt"),
+                                                    target_path=str(tmp_path / "tgt.txt")),
+                            train=FinetuneTrainConfig(rdrop=1.0, max_steps=250, lr=3e-3, warmup_steps=10,
+                                                      batch_size=32, eval_interval=0, save_interval=0,
+                                                      device="cpu", dtype="fp32", progress=False))
+    result = finetune(config)
+    assert result.metrics["val_loss"] < 2.0  # 1.67 measured (1.21 without R-Drop: it learns slower)

@@ -148,6 +148,9 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the gradient norm to this value (0 disables)")
     label_smoothing: float = option(0.0, "share of each target's probability spread over all tokens or classes "
                                          "in the training loss (0: none; validation losses stay unsmoothed)")
+    rdrop: float = option(0.0, "R-Drop: weight of the symmetric KL divergence between two dropout passes of "
+                               "each batch, added to their mean loss (seq2seq and classification fine-tuning; "
+                               "0: off; a step then runs the batch twice)")
     batch_size: int = option(12, "sequences per micro-batch on each process")
     grad_accum: int = option(1, "micro-batches accumulated per optimiser step")
     max_steps: int | None = option(2000, "stop after this many optimiser steps")
@@ -178,6 +181,7 @@ class TrainConfig:
         _check_positive("train.lr", self.lr)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), not {self.label_smoothing}")
+        _check_positive("train.rdrop", self.rdrop, allow_zero=True)
         _check_positive("train.min_lr", self.min_lr, allow_none=True, allow_zero=True)
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.grad_accum", self.grad_accum)
@@ -269,6 +273,8 @@ class PretrainConfig:
         self.model.validate()
         self.train.validate()
         _check_choice("objective", self.objective, ("auto", "clm", "mlm", "denoise"))
+        if self.train.rdrop:
+            raise ConfigError("train.rdrop is for seq2seq and classification fine-tuning, not pretraining")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(f"mlm_probability must be in (0, 1), not {self.mlm_probability}")
         if not 0.0 < self.denoise_probability < 1.0:

@@ -118,6 +118,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     task = resolve_task(config)
     if config.question_match and task != "qa":
         raise ConfigError(f"question_match marks question words in QA contexts; this is a {task} run")
+    if config.train.rdrop and task not in ("seq2seq", "classification"):
+        raise ConfigError(f"train.rdrop is for seq2seq and classification fine-tuning; this is a {task} run")
     if task != "sft":
         from lmforge.recipes.tasks import finetune_task
 

@@ -139,7 +139,8 @@ def classification_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: T
 
     summary = (f"{len(train_rows)} training texts, {len(val_rows)} held out, {len(labels)} labels"
                f"{' (multi-label)' if multi else ''}: {', '.join(labels[:8])}{'...' if len(labels) > 8 else ''}")
-    objective = partial(classification_loss, label_smoothing=config.train.label_smoothing)
+    objective = partial(classification_loss, label_smoothing=config.train.label_smoothing,
+                        rdrop=config.train.rdrop)
     return TaskRun(model, objective, train_rows, collate, evaluator, task_info, summary,
                    after=tune_thresholds if multi else None)
 
@@ -213,7 +214,7 @@ def seq2seq_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: Tokenize
                                  config.train.eval_windows, config.train.final_eval_windows, config.eval.examples,
                                  config.eval.max_new_tokens)
     summary = f"{len(train_rows)} {purpose} pairs, {len(val_rows)} held out"
-    objective = partial(seq2seq_loss, label_smoothing=config.train.label_smoothing)
+    objective = partial(seq2seq_loss, label_smoothing=config.train.label_smoothing, rdrop=config.train.rdrop)
     return TaskRun(backbone, objective, train_rows, collate, evaluator, {"kind": "seq2seq", "purpose": purpose},
                    summary, row_length=lambda row: len(row[0]) + len(row[1]))
 

@@ -3,6 +3,11 @@
 The token and class objectives take ``label_smoothing`` (``train.label_smoothing``): that share of each
 target's probability is spread evenly over every token or class, as in ``F.cross_entropy``. A recipe
 binds it with :func:`functools.partial`; validation losses are always computed unsmoothed.
+
+The seq2seq and classification objectives also take ``rdrop`` (``train.rdrop``, R-Drop, Liang et al.
+2021): the batch runs twice in one forward pass (two independent dropout masks), the loss is the mean of
+the two passes' losses plus ``rdrop`` times the symmetric KL divergence between their predictions, a
+regulariser that asks the model to agree with itself under dropout.
 """
 
 from __future__ import annotations
@@ -164,26 +169,57 @@ def summed_denoising_loss(mask_id: int, pad_id: int, bos_id: int, probability: f
 # ------------------------------------------------------------------------------------------
 # Sequence-to-sequence, classification and span extraction
 # ------------------------------------------------------------------------------------------
-def seq2seq_loss(model: nn.Module, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
+def twice(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The batch stacked on itself: every (B, ...) tensor becomes (2B, ...) (R-Drop's two passes)."""
+    return {name: torch.cat([value, value]) for name, value in batch.items()}
+
+
+def symmetric_kl(logits_a: Tensor, logits_b: Tensor) -> Tensor:
+    """Mean over the N rows of (KL(p_a || p_b) + KL(p_b || p_a)) / 2, where p = softmax(logits (N, V))."""
+    log_a, log_b = F.log_softmax(logits_a.float(), -1), F.log_softmax(logits_b.float(), -1)
+    return ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(-1).mean() / 2
+
+
+def seq2seq_loss(model: nn.Module, batch: dict[str, Tensor], label_smoothing: float = 0.0,
+                 rdrop: float = 0.0) -> Tensor:
     """Mean cross-entropy of the target tokens: ``input_ids``/``attention_mask`` (B, S) are the
     source, ``decoder_input_ids`` (B, T) the target shifted right (starting with bos) and ``labels``
-    (B, T) the target (``IGNORE_INDEX`` on padding)."""
+    (B, T) the target (``IGNORE_INDEX`` on padding); with ``rdrop``, plus that times the symmetric KL
+    of two dropout passes over the target tokens."""
+    if rdrop:
+        batch = twice(batch)
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                   decoder_input_ids=batch["decoder_input_ids"])  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                   decoder_input_ids=batch["decoder_input_ids"]).float()  # (B, T, V), (2B, T, V) with rdrop
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                            label_smoothing=label_smoothing)
+    if not rdrop:
+        return loss
+    first, second = logits.chunk(2)
+    targets = labels.chunk(2)[0] != IGNORE_INDEX  # (B, T)
+    return loss + rdrop * symmetric_kl(first[targets], second[targets])
 
 
-def classification_loss(model: nn.Module, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
+def classification_loss(model: nn.Module, batch: dict[str, Tensor], label_smoothing: float = 0.0,
+                        rdrop: float = 0.0) -> Tensor:
     """Cross-entropy of (B, L) logits against ``labels``: class indices (B,) for single-label data,
     or 0/1 floats (B, L) for multi-label data (one sigmoid per label, whose smoothed target is
-    ``y (1 - s) + s / 2``)."""
+    ``y (1 - s) + s / 2``); with ``rdrop``, plus that times the symmetric KL of two dropout passes
+    (per label for multi-label data)."""
+    if rdrop:
+        batch = twice(batch)
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # (B, L)
     labels = batch["labels"]
     if labels.dim() == 2:
         targets = labels.float() * (1.0 - label_smoothing) + label_smoothing / 2
-        return F.binary_cross_entropy_with_logits(logits, targets)
-    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        logits = torch.stack([torch.zeros_like(logits), logits], -1)  # (B, L, 2): a sigmoid as a softmax
+    else:
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if not rdrop:
+        return loss
+    first, second = logits.chunk(2)
+    return loss + rdrop * symmetric_kl(first.flatten(0, -2), second.flatten(0, -2))
 
 
 def span_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

@@ -6,16 +6,19 @@ Data (../shared/data): AG News (``train.csv`` 3,600 -> ``test.csv`` 2,000, 4 top
   (C=10), fitted on every training row.
 - lmforge: the encoder from bench/task_pretrain.py fine-tuned with ``FinetuneConfig(checkpoint=...,
   task="classification")`` for ``--max-time`` seconds (``--pooling``, default mean; ``--dtype``, default
-  fp32; ``--dropout``, default the checkpoint's); every 10th training row is its ``data.val_path``
-  and the checkpoint with the best validation ``--best-metric`` (default accuracy) is tested. Test
-  accuracy and macro-F1 through ``lmforge.evaluation.evaluate(lm, "classification", ...)``.
+  fp32; ``--dropout``, default the checkpoint's; ``--rdrop``, R-Drop's weight, default off); every
+  10th training row is its ``data.val_path`` and the checkpoint with the best validation
+  ``--best-metric`` (default accuracy) is tested. Test accuracy and macro-F1 through
+  ``lmforge.evaluation.evaluate(lm, "classification", ...)``.
 - ``--adapt S``: first S seconds of task-adaptive pretraining (the encoder's MLM continued on the
   training texts, without labels: ``PretrainConfig(init=encoder)``). ``--seeds N``: N fine-tunings
   (seeds 1..N) tested one by one, as an ensemble (mean of their label probabilities) and as a soup
-  (the mean of their weights, ``lmforge.training.averaging.average_checkpoints``).
+  (the mean of their weights, ``lmforge.training.averaging.average_checkpoints``). With ``--folds``
+  member k holds out the k-th tenth of the training rows instead of the same tenth for all, so the
+  ensemble as a whole learns from every training row (cross-validation bagging).
 
     python bench/classify.py --encoder /tmp/lmforge-tasks/pretrain/mlm [--datasets ag_news,sst2]
-                             [--max-time 300] [--adapt 0] [--seeds 1] [--work DIR] [--quick] [--json FILE]
+                             [--max-time 300] [--adapt 0] [--seeds 1] [--folds] [--work DIR] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -69,13 +72,14 @@ def tfidf_baseline(train: list[dict], test: list[dict]) -> dict:
 def lmforge_classifier(encoder: str, train: list[dict], test: list[dict], work: Path, args: argparse.Namespace,
                        seed: int = 1) -> tuple[dict, Path]:
     """Fine-tune the encoder once (seed ``seed``); its test row and its best checkpoint."""
-    fit, val = split_off(train)
+    fit, val = split_off(train, fold=seed - 1 if args.folds else 0)
     options = {"checkpoint": encoder, "task": "classification", "out": str(work / "run"), "pooling": args.pooling,
                "dropout": args.dropout,
                "data": {"path": str(write_jsonl(work / "train.jsonl", fit)),
                         "val_path": str(write_jsonl(work / "val.jsonl", val))},
                "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=32, warmup_steps=50,
                                       eval_interval=args.eval_interval, weight_decay=0.01, seed=seed,
+                                      rdrop=args.rdrop,
                                       best_metric=args.best_metric, dtype=args.dtype, eval_windows=None,
                                       **({"max_steps": args.max_steps} if args.max_steps else {}))}
     result, seconds = run_finetune(options)
@@ -155,9 +159,15 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=None,
                         help="the encoder's dropout while fine-tuning (FinetuneConfig.dropout; default: the "
                              "checkpoint's)")
+    parser.add_argument("--rdrop", type=float, default=0.0,
+                        help="R-Drop weight while fine-tuning (train.rdrop): symmetric KL between two dropout "
+                             "passes; 0: off")
     parser.add_argument("--seeds", type=int, default=1,
                         help="fine-tune N times (seeds 1..N, --max-time each); also test their ensemble (mean "
                              "probabilities) and their soup (mean weights)")
+    parser.add_argument("--folds", action="store_true",
+                        help="with --seeds: member k holds out the k-th tenth of the training rows (not all the "
+                             "same tenth), so the ensemble learns from every row")
     parser.add_argument("--adapt", type=float, default=0.0,
                         help="seconds of task-adaptive MLM pretraining on the training texts before fine-tuning")
     parser.add_argument("--adapt-lr", type=float, default=5e-4, help="peak learning rate of --adapt")

@@ -79,10 +79,12 @@ def aeslc(split: str) -> list[dict]:
     return read_jsonl(DATA / "aeslc" / f"{split}.jsonl")
 
 
-def split_off(records: list[dict], every: int = 10) -> tuple[list[dict], list[dict]]:
-    """(train, val): every ``every``-th record goes to val (for checkpoint selection, never the test)."""
-    return ([r for i, r in enumerate(records) if i % every != every - 1],
-            [r for i, r in enumerate(records) if i % every == every - 1])
+def split_off(records: list[dict], every: int = 10, fold: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, val): every ``every``-th record goes to val (for checkpoint selection, never the test);
+    ``fold`` k moves that choice k records earlier, so folds 0..every-1 hold out disjoint records."""
+    held = (every - 1 - fold) % every
+    return ([r for i, r in enumerate(records) if i % every != held],
+            [r for i, r in enumerate(records) if i % every == held])
 
 
 # ------------------------------------------------------------------------------------------

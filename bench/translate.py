@@ -9,18 +9,18 @@ checkpoint by target loss) and ``val.{en,de}`` (1,014 pairs, the test set here).
 - lmforge: a byte-level BPE tokenizer (``--vocab-size``, both languages) and a ``seq2seq-small`` model
   (3 + 3 layers, width 256, dropout 0.1, 128-token context) trained with
   ``FinetuneConfig(task="seq2seq", data.path=train.en, data.target_path=train.de)`` for ``--max-time``
-  seconds in ``--dtype`` (default bf16 autocast) with label smoothing ``--label-smoothing``, each
-  step's pairs of similar length (``data.group_by_length``; ``--no-group-by-length`` draws them at
-  random); a checkpoint every ``--save-interval`` steps, and the mean of the last ``--average``
-  checkpoints (``lmforge.training.averaging``) is the result; the checkpoint with the lowest
-  held-out loss is reported beside it. Beam ``--beam`` decoding with ``lm.translate``; with
+  seconds in ``--dtype`` (default bf16 autocast) with label smoothing ``--label-smoothing`` (and R-Drop
+  ``--rdrop``, default off), each step's pairs of similar length (``data.group_by_length``;
+  ``--no-group-by-length`` draws them at random); a checkpoint every ``--save-interval`` steps, and
+  the mean of the last ``--average`` checkpoints (``lmforge.training.averaging``) is the result; the
+  checkpoint with the lowest held-out loss is reported beside it. Beam ``--beam`` decoding with ``lm.translate``; with
   ``--tune-decoding`` every checkpoint is decoded with beams 4 and 8 and length penalties 0.6, 1.0
   and 1.5, and the row with the best BLEU on the held-out training pairs (never the validation set)
   is the result. ``--checkpoints DIR ...`` evaluates existing checkpoints instead.
 Corpus BLEU (sacreBLEU 13a through ``lmforge.evaluation.metrics.bleu``) and chrF on the validation set.
 
     python bench/translate.py [--max-time 3600] [--vocab-size 8192] [--beam 4] [--dtype bf16]
-                              [--label-smoothing 0.1] [--no-group-by-length] [--average 5]
+                              [--label-smoothing 0.1] [--rdrop 0] [--no-group-by-length] [--average 5]
                               [--save-interval 500] [--tune-decoding] [--checkpoints DIR ...]
                               [--work DIR] [--quick] [--json FILE]
 """
@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--dtype", default="bf16", help="training precision: bf16 (autocast) or fp32")
     parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--rdrop", type=float, default=0.0,
+                        help="R-Drop weight (train.rdrop): symmetric KL between two dropout passes; 0: off")
     parser.add_argument("--average", type=int, default=5, help="average the last N checkpoints (1: none)")
     parser.add_argument("--save-interval", type=int, default=500, help="steps between checkpoints")
     parser.add_argument("--work", default="/tmp/lmforge-tasks/translate")
@@ -128,8 +130,8 @@ def main() -> None:
                "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=args.batch_size,
                                       warmup_steps=args.warmup,
                                       eval_interval=500, eval_windows=None, weight_decay=0.01, dtype=args.dtype,
-                                      label_smoothing=args.label_smoothing, save_interval=args.save_interval,
-                                      keep_checkpoints=args.average)}
+                                      label_smoothing=args.label_smoothing, rdrop=args.rdrop,
+                                      save_interval=args.save_interval, keep_checkpoints=args.average)}
     if args.quick:
         options["model"].update(n_layer=1, n_decoder_layer=1, n_embd=64)
         options["train"].update(save_interval=2)  # checkpoints at steps 2, 4, 6 and final (8)

@@ -119,6 +119,24 @@ class LanguageModel:
         model = model.to(device=target, dtype=select_dtype(dtype, target))
         return cls(model, tokenizer, info, Path(path))
 
+    @classmethod
+    def load_ensemble(cls, paths: list[str | Path], device: str = "auto", dtype: str = "fp32") -> LanguageModel:
+        """Several encoder-decoder checkpoints with the same tokenizer as one model that averages their
+        next-token probabilities (:class:`~lmforge.models.ensemble.Seq2SeqEnsemble`); it translates,
+        summarizes and generates like one checkpoint, with the first checkpoint's task record."""
+        from lmforge.models.ensemble import Seq2SeqEnsemble
+
+        if len(paths) < 2:
+            raise ConfigError("an ensemble needs at least two checkpoints")
+        members = [cls.load(path, device, dtype) for path in paths]
+        for path, member in zip(paths, members):
+            if member.kind != "seq2seq":
+                raise ConfigError(f"{path} is not an encoder-decoder checkpoint; only seq2seq models can be ensembled")
+            if member.tokenizer.fingerprint() != members[0].tokenizer.fingerprint():
+                raise ConfigError(f"{path} has another tokenizer than {paths[0]}; ensemble members must share one")
+        info = {**members[0].info, "ensemble": [str(p) for p in paths]}
+        return cls(Seq2SeqEnsemble([m.model for m in members]), members[0].tokenizer, info, Path(paths[0]))
+
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:

@@ -200,7 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     if name != "num_samples" and hasattr(args, name)})
     if options.get("stop") is not None and not isinstance(options["stop"], list):
         options["stop"] = [options["stop"]]
-    return main_eval(args.checkpoint, task=args.task, data=args.data, suite=args.suite, limit=args.limit,
+    return main_eval(_checkpoints(args), task=args.task, data=args.data, suite=args.suite, limit=args.limit,
                      out=args.out, device=args.device, dtype=args.dtype, progress=not args.quiet, **options)
 
 
@@ -296,7 +296,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompts = args.prompt or [""]
     if args.stream and (len(prompts) > 1 or config.num_samples > 1):
         raise ConfigError("--stream shows one prompt and one sample at a time")
-    lm = LanguageModel.load(args.checkpoint, device=args.device, dtype=args.dtype)
+    lm = LanguageModel.load_ensemble(_checkpoints(args), device=args.device, dtype=args.dtype) if args.ensemble \
+        else LanguageModel.load(args.checkpoint, device=args.device, dtype=args.dtype)
     if lm.kind == "seq2seq":  # an encoder-decoder maps each text to its output
         if args.stream:
             raise ConfigError("an encoder-decoder writes its output whole: drop --stream")
@@ -436,6 +437,17 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------- parser
+def _add_ensemble_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ensemble", nargs="+", default=None, metavar="CKPT",
+                        help="more encoder-decoder checkpoints (same tokenizer) decoded with CHECKPOINT as one "
+                             "model: the mean of their next-token probabilities")
+
+
+def _checkpoints(args: argparse.Namespace) -> Any:
+    """The checkpoint argument, or with ``--ensemble`` the list of all the checkpoints."""
+    return [args.checkpoint, *args.ensemble] if args.ensemble else args.checkpoint
+
+
 def _add_device_options(parser: argparse.ArgumentParser, dtype: str = "fp32", dtype_help: str = "") -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     parser.add_argument("--dtype", default=dtype,
@@ -541,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                    help="candidate labels for classification (default: the labels in the data)")
     add_arguments(p, SamplingConfig, flat=True, skip=("num_samples",))
+    _add_ensemble_option(p)
     _add_device_options(p)
     p.set_defaults(func=cmd_eval)
 
@@ -589,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per sample")
     p.add_argument("--beam-size", type=int, default=1, metavar="N",
                    help="encoder-decoder checkpoints: beam search with N beams (1: greedy or sampling)")
+    _add_ensemble_option(p)
     _add_device_options(p)
     p.set_defaults(func=cmd_generate)
 

@@ -7,7 +7,7 @@ import json
 import random
 
 import pytest
-from cli_helpers import assert_clean_error, lmforge
+from cli_helpers import assert_clean_error, lmforge, lmforge_all
 
 TOPICS = {"sport": ["ball", "goal"], "food": ["soup", "bread"]}
 
@@ -129,3 +129,38 @@ def test_pretrain_options_of_the_objective_reach_the_run(classifier, tmp_path):
     assert_clean_error(lmforge("pretrain", "--data", tmp_path / "data", "--model", "gpt2-tiny", "--out",
                                tmp_path / "x", "--objective", "mlm"), "mlm objective does not fit the decoder family")
     assert not (tmp_path / "x").exists()
+
+
+def test_seq2seq_with_rdrop_then_an_ensemble_of_two_runs(tmp_path):
+    """Two encoder-decoders (one with R-Drop) decoded and scored together with --ensemble."""
+    rng = random.Random(1)
+    words = ["red", "blue", "cat", "dog", "sun", "sea"]
+    pairs = [" ".join(rng.choice(words) for _ in range(3)) for _ in range(200)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"source": s, "target": s.upper()}) + "\n" for s in pairs), encoding="utf-8")
+    (tmp_path / "text.txt").write_text("\n".join(pairs + [s.upper() for s in pairs]), encoding="utf-8")
+    assert lmforge("train-tokenizer", "--input", tmp_path / "text.txt", "--kind", "char", "--out",
+                   tmp_path / "tok").returncode == 0
+    common = ["--tokenizer", tmp_path / "tok", "--data", data, "--task", "seq2seq", "--model.family", "seq2seq",
+              "--model.n_layer", 1, "--model.n_embd", 32, "--model.n_head", 2, "--model.block_size", 32,
+              "--train.max_steps", 40, "--train.lr", 3e-3, "--train.device", "cpu", "--train.progress", "false",
+              "--train.eval_interval", 0]
+    runs = lmforge_all(("finetune", *common, "--out", tmp_path / "a"),
+                       ("finetune", *common, "--train.rdrop", 1, "--model.dropout", 0.1, "--train.seed", 2,
+                        "--out", tmp_path / "b"), workers=2, threads=1)
+    assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
+    both = [tmp_path / "a", "--ensemble", tmp_path / "b"]
+    generated = lmforge("generate", *both, "--prompt", "red cat sun", "--beam-size", 2, "--max-new-tokens", 12,
+                        "--json", threads=1)
+    assert generated.returncode == 0, generated.stderr
+    assert json.loads(generated.stdout)["source"] == "red cat sun"
+    report = lmforge("eval", *both, "--task", "generation", "--data", data, "--limit", 20, "--quiet",
+                     "--out", tmp_path / "report.json", threads=1)
+    assert report.returncode == 0, report.stderr
+    assert "bleu" in json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))["reports"][0]["metrics"]
+    assert_clean_error(lmforge("generate", tmp_path / "a", "--ensemble", tmp_path / "tok", "--prompt", "x"),
+                       "not an lmforge checkpoint")
+    assert_clean_error(lmforge("finetune", *common, "--train.rdrop", -1, "--out", tmp_path / "c"),
+                       "train.rdrop")
+    assert_clean_error(lmforge("pretrain", "--data", tmp_path / "text.txt", "--model", "seq2seq-tiny", "--train.rdrop", 1, "--out", tmp_path / "d"),
+                       "train.rdrop is for seq2seq and classification fine-tuning")

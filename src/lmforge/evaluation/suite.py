@@ -171,11 +171,14 @@ def check_thresholds(report: dict[str, Any], minimum: dict[str, float] | None = 
     return failures
 
 
-def _load(lm_or_path: LanguageModel | str | Path, device: str, dtype: str) -> Any:
+def _load(lm_or_path: LanguageModel | str | Path | list[str | Path], device: str, dtype: str) -> Any:
+    """A loaded model as it is; a path loaded; a list of paths loaded as one ensemble."""
     if hasattr(lm_or_path, "model") and hasattr(lm_or_path, "tokenizer"):
         return lm_or_path
     from lmforge.api import LanguageModel  # the entry point for the CLI: loading is the API layer's job
 
+    if isinstance(lm_or_path, list):
+        return LanguageModel.load_ensemble(lm_or_path, device=device, dtype=dtype)
     return LanguageModel.load(lm_or_path, device=device, dtype=dtype)
 
 
@@ -201,13 +204,14 @@ def run_suite(lm_or_path: LanguageModel | str | Path, suite_path: str | Path, li
     return reports, failures
 
 
-def main_eval(checkpoint: str | Path, task: str | None = None, data: DataPaths = None, suite: str | Path | None = None,
-              limit: int | None = None, out: str | Path | None = None, device: str = "auto", dtype: str = "fp32",
-              progress: bool = True, **options: Any) -> int:
-    """What ``lmforge eval`` runs: load the checkpoint, run one task (``task`` on ``data`` with the
-    task's ``options``) or a ``suite`` file, print the table and any failed thresholds, write the
-    JSON report to ``out`` if given. Returns the exit code: 0, or 1 when a suite threshold fails.
-    Everything is checked (task, options, suite, data files, output path) before the model loads."""
+def main_eval(checkpoint: str | Path | list[str | Path], task: str | None = None, data: DataPaths = None,
+              suite: str | Path | None = None, limit: int | None = None, out: str | Path | None = None,
+              device: str = "auto", dtype: str = "fp32", progress: bool = True, **options: Any) -> int:
+    """What ``lmforge eval`` runs: load the checkpoint (a list of them: an ensemble), run one task
+    (``task`` on ``data`` with the task's ``options``) or a ``suite`` file, print the table and any
+    failed thresholds, write the JSON report to ``out`` if given. Returns the exit code: 0, or 1 when a
+    suite threshold fails. Everything is checked (task, options, suite, data files, output path) before
+    the model loads."""
     options = {k: v for k, v in options.items() if v is not None}
     if suite is not None and (task is not None or data is not None or options):
         raise ConfigError("give either a suite (--suite) or one task (--task, --data and its options), not both")

@@ -16,22 +16,30 @@ checkpoint by target loss) and ``val.{en,de}`` (1,014 pairs, the test set here).
   checkpoint with the lowest held-out loss is reported beside it. Beam ``--beam`` decoding with ``lm.translate``; with
   ``--tune-decoding`` every checkpoint is decoded with beams 4 and 8 and length penalties 0.6, 1.0
   and 1.5, and the row with the best BLEU on the held-out training pairs (never the validation set)
-  is the result. ``--checkpoints DIR ...`` evaluates existing checkpoints instead.
+  is the result. ``--checkpoints DIR ...`` evaluates existing checkpoints instead (with ``--ensemble``,
+  also all of them as one ensemble).
+- ``--members N``: N models trained at the same time from different seeds, each in its own process
+  with ``--threads`` CPU threads (default: the cores shared out; on a small CPU one thread per model
+  loses less speed than the models gain), each averaged as above, then decoded one by one and as an
+  ensemble (``LanguageModel.load_ensemble``: the mean of their next-token probabilities).
 Corpus BLEU (sacreBLEU 13a through ``lmforge.evaluation.metrics.bleu``) and chrF on the validation set.
 
     python bench/translate.py [--max-time 3600] [--vocab-size 8192] [--beam 4] [--dtype bf16]
                               [--label-smoothing 0.1] [--rdrop 0] [--no-group-by-length] [--average 5]
-                              [--save-interval 500] [--tune-decoding] [--checkpoints DIR ...]
+                              [--save-interval 500] [--tune-decoding] [--members 1] [--threads T]
+                              [--checkpoints DIR ... [--ensemble]]
                               [--work DIR] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from lmforge.api import LanguageModel
 from lmforge.data.supervised import split_records
@@ -77,6 +85,30 @@ def word_by_word(lexicon: dict[str, str], text: str) -> str:
     return " ".join(lexicon.get(w.lower(), w) for w in WORD.findall(text))
 
 
+def train_member(options: dict, threads: int | None) -> tuple[Any, float]:
+    """One model's fine-tuning (in its own process when several train at once): (result, seconds)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    setup_logging()
+    return run_finetune(options)
+
+
+def train_members(options: dict, members: int, threads: int | None) -> list[tuple[Any, float]]:
+    """``members`` fine-tunings of ``options`` at the same time: seeds 1..members, in WORK/run-member-k."""
+    if members == 1:
+        return [train_member(options, threads)]
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    runs = [{**options, "out": f"{options['out']}-member-{k}", "train": {**options["train"], "seed": k}}
+            for k in range(1, members + 1)]
+    with ProcessPoolExecutor(members, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(train_member, run, threads) for run in runs]
+        return [future.result() for future in futures]
+
+
 def _step(checkpoint: Path) -> int:
     import json
 
@@ -107,8 +139,17 @@ def main() -> None:
                         help="evaluate these checkpoints instead of training (e.g. WORK/run/checkpoints/best)")
     parser.add_argument("--tune-decoding", action="store_true",
                         help="try beam 4/8 x length penalty 0.6/1.0/1.5, choose by held-out training-pair BLEU")
+    parser.add_argument("--members", type=int, default=1,
+                        help="models trained at once (different seeds), decoded alone and as an ensemble")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per model (default: the cores shared out among --members)")
+    parser.add_argument("--ensemble", action="store_true", help="with --checkpoints: also decode them as one ensemble")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.members < 1:
+        parser.error("--members must be at least 1")
+    if args.threads is None and args.members > 1:
+        args.threads = max(1, (os.cpu_count() or 1) // args.members)
     need(MT)
     setup_logging()
     work = Path(args.work)
@@ -137,15 +178,28 @@ def main() -> None:
         options["train"].update(save_interval=2)  # checkpoints at steps 2, 4, 6 and final (8)
         args.average = min(args.average, 4)
     if args.checkpoints:
-        checkpoints = {f"checkpoint {c}": Path(c) for c in args.checkpoints}
+        checkpoints: dict[str, Any] = {f"checkpoint {c}": Path(c) for c in args.checkpoints}
+        if args.ensemble:
+            checkpoints[f"ensemble of the {len(args.checkpoints)} checkpoints"] = [Path(c) for c in args.checkpoints]
         seconds, steps = None, None
     else:
-        result, seconds = run_finetune(options)
-        steps = result.step
-        checkpoints = {f"best held-out loss (step {_step(result.best_checkpoint)})": result.best_checkpoint}
-        if args.average > 1:
-            averaged = average_checkpoints(last_checkpoints(result.run_dir, args.average), work / "averaged")
-            checkpoints[f"mean of the last {args.average} checkpoints"] = averaged
+        trained = train_members(options, args.members, args.threads)
+        seconds = max(s for _, s in trained)
+        steps = "/".join(str(result.step) for result, _ in trained)
+        checkpoints, averages = {}, []
+        for k, (result, _) in enumerate(trained):
+            member = f"model {k + 1}, " if args.members > 1 else ""
+            checkpoints[f"{member}best held-out loss (step {_step(result.best_checkpoint)})"] = result.best_checkpoint
+            if args.average > 1:
+                averaged = average_checkpoints(last_checkpoints(result.run_dir, args.average),
+                                               work / f"averaged{'-' + str(k + 1) if args.members > 1 else ''}")
+                checkpoints[f"{member}mean of the last {args.average} checkpoints"] = averaged
+                averages.append(averaged)
+        if args.members > 1:
+            bests = [result.best_checkpoint for result, _ in trained]
+            checkpoints[f"ensemble of the {args.members} best held-out loss checkpoints"] = bests
+            if averages:
+                checkpoints[f"ensemble of the {args.members} means of the last {args.average}"] = averages
     held_out = split_records(list(zip(train_en, train_de)), 0.02)[1]  # what the fine-tuning held out
     if args.quick:
         held_out = held_out[:50]
@@ -153,7 +207,8 @@ def main() -> None:
         [(args.beam, 1.0)]
     chosen, chosen_bleu = None, -1.0
     for name, checkpoint in checkpoints.items():
-        lm = LanguageModel.load(checkpoint, device="cpu")
+        lm = LanguageModel.load_ensemble(checkpoint, device="cpu") if isinstance(checkpoint, list) else \
+            LanguageModel.load(checkpoint, device="cpu")
         for beam, penalty in grid:  # decoding options are judged on held-out training pairs, never on val
             options = {"beam_size": beam, "length_penalty": penalty, "max_new_tokens": 64}
             held_bleu = bleu(decode_all(lm.translate, [s for s, _ in held_out], **options), [t for _, t in held_out])

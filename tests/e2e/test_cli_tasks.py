@@ -162,5 +162,6 @@ def test_seq2seq_with_rdrop_then_an_ensemble_of_two_runs(tmp_path):
                        "not an lmforge checkpoint")
     assert_clean_error(lmforge("finetune", *common, "--train.rdrop", -1, "--out", tmp_path / "c"),
                        "train.rdrop")
-    assert_clean_error(lmforge("pretrain", "--data", tmp_path / "text.txt", "--model", "seq2seq-tiny", "--train.rdrop", 1, "--out", tmp_path / "d"),
+    assert_clean_error(lmforge("pretrain", "--data", tmp_path / "text.txt", "--model", "seq2seq-tiny",
+                               "--train.rdrop", 1, "--out", tmp_path / "d"),
                        "train.rdrop is for seq2seq and classification fine-tuning")

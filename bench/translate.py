@@ -10,14 +10,15 @@ checkpoint by target loss) and ``val.{en,de}`` (1,014 pairs, the test set here).
   (3 + 3 layers, width 256, dropout 0.1, 128-token context) trained with
   ``FinetuneConfig(task="seq2seq", data.path=train.en, data.target_path=train.de)`` for ``--max-time``
   seconds in ``--dtype`` (default bf16 autocast) with label smoothing ``--label-smoothing`` (and R-Drop
-  ``--rdrop``, default off), each step's pairs of similar length (``data.group_by_length``;
-  ``--no-group-by-length`` draws them at random); a checkpoint every ``--save-interval`` steps, and
-  the mean of the last ``--average`` checkpoints (``lmforge.training.averaging``) is the result; the
-  checkpoint with the lowest held-out loss is reported beside it. Beam ``--beam`` decoding with ``lm.translate``; with
-  ``--tune-decoding`` every checkpoint is decoded with beams 4 and 8 and length penalties 0.6, 1.0
-  and 1.5, and the row with the best BLEU on the held-out training pairs (never the validation set)
-  is the result. ``--checkpoints DIR ...`` evaluates existing checkpoints instead (with ``--ensemble``,
-  also all of them as one ensemble).
+  ``--rdrop``, default off; BPE-dropout ``--bpe-dropout``, default off), each step's pairs of similar
+  length (``data.group_by_length``; ``--no-group-by-length`` draws them at random); a checkpoint every
+  ``--save-interval`` steps, and the mean of the last ``--average`` checkpoints
+  (``lmforge.training.averaging``) is the result; the checkpoint with the lowest held-out loss is
+  reported beside it. Beam ``--beam`` decoding with ``lm.translate``; with ``--tune-decoding`` every
+  checkpoint is decoded with beams 4 and 8 and length penalties 0.6, 1.0 and 1.5, and the row with the
+  best BLEU on the held-out training pairs (never the validation set) is the result.
+  ``--checkpoints DIR ...`` evaluates existing checkpoints instead (with
+  ``--ensemble``, also all of them as one ensemble).
 - ``--members N``: N models trained at the same time from different seeds, each in its own process
   with ``--threads`` CPU threads (default: the cores shared out; on a small CPU one thread per model
   loses less speed than the models gain), each averaged as above, then decoded one by one and as an
@@ -25,7 +26,7 @@ checkpoint by target loss) and ``val.{en,de}`` (1,014 pairs, the test set here).
 Corpus BLEU (sacreBLEU 13a through ``lmforge.evaluation.metrics.bleu``) and chrF on the validation set.
 
     python bench/translate.py [--max-time 3600] [--vocab-size 8192] [--beam 4] [--dtype bf16]
-                              [--label-smoothing 0.1] [--rdrop 0] [--no-group-by-length] [--average 5]
+                              [--label-smoothing 0.1] [--rdrop 0] [--bpe-dropout 0] [--no-group-by-length] [--average 5]
                               [--save-interval 500] [--tune-decoding] [--members 1] [--threads T]
                               [--checkpoints DIR ... [--ensemble]]
                               [--work DIR] [--quick] [--json FILE]
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--rdrop", type=float, default=0.0,
                         help="R-Drop weight (train.rdrop): symmetric KL between two dropout passes; 0: off")
+    parser.add_argument("--bpe-dropout", type=float, default=0.0,
+                        help="BPE-dropout of the training pairs (data.bpe_dropout): chance of skipping a merge; 0: off")
     parser.add_argument("--average", type=int, default=5, help="average the last N checkpoints (1: none)")
     parser.add_argument("--save-interval", type=int, default=500, help="steps between checkpoints")
     parser.add_argument("--work", default="/tmp/lmforge-tasks/translate")
@@ -167,7 +170,7 @@ def main() -> None:
     options = {"tokenizer": str(tokenizer), "task": "seq2seq", "purpose": "translation", "out": str(work / "run"),
                "model": {"preset": "seq2seq-small", "block_size": 128, **model_knobs(args.model)},
                "data": {"path": str(MT / "train.en"), "target_path": str(MT / "train.de"), "val_fraction": 0.02,
-                        "group_by_length": args.group_by_length},
+                        "group_by_length": args.group_by_length, "bpe_dropout": args.bpe_dropout},
                "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=args.batch_size,
                                       warmup_steps=args.warmup,
                                       eval_interval=500, eval_windows=None, weight_decay=0.01, dtype=args.dtype,

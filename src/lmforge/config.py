@@ -324,6 +324,10 @@ class FinetuneDataConfig:
     val_target_path: str | None = option(None, "seq2seq: target file parallel to data.val_path")
     source_field: str | None = option(None, "seq2seq JSON: source field (default: source, document, src, input)")
     target_field: str | None = option(None, "seq2seq JSON: target field (default: target, summary, tgt, output)")
+    bpe_dropout: float = option(0.0, "seq2seq: BPE-dropout, the chance of skipping each merge when a training "
+                                     "text is segmented (subword regularisation; 0.1 in the paper; 0: off)")
+    bpe_dropout_samples: int = option(16, "seq2seq: segmentations of the training set sampled for "
+                                          "data.bpe_dropout; epoch e trains on sample e mod this")
     stride: int | None = option(None, "qa: context tokens shared by consecutive windows of a long context "
                                       "(default: a quarter of the model's context)")
 
@@ -333,6 +337,9 @@ class FinetuneDataConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), not {self.val_fraction}")
         _check_positive("data.stride", self.stride, allow_zero=True, allow_none=True)
+        if not 0.0 <= self.bpe_dropout < 1.0:
+            raise ConfigError(f"data.bpe_dropout must be in [0, 1), not {self.bpe_dropout}")
+        _check_positive("data.bpe_dropout_samples", self.bpe_dropout_samples)
         if self.packing and self.group_by_length:
             raise ConfigError("data.group_by_length does nothing with data.packing: packed rows all have one length")
 

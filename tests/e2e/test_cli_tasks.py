@@ -165,3 +165,7 @@ def test_seq2seq_with_rdrop_then_an_ensemble_of_two_runs(tmp_path):
     assert_clean_error(lmforge("pretrain", "--data", tmp_path / "text.txt", "--model", "seq2seq-tiny",
                                "--train.rdrop", 1, "--out", tmp_path / "d"),
                        "train.rdrop is for seq2seq and classification fine-tuning")
+    assert_clean_error(lmforge("finetune", *common, "--data.bpe_dropout", 0.1, "--out", tmp_path / "e"),
+                       "data.bpe_dropout needs a BPE tokenizer; this one is char")
+    assert_clean_error(lmforge("finetune", *common, "--data.bpe_dropout", 1.5, "--out", tmp_path / "f"),
+                       "data.bpe_dropout must be in [0, 1)")

@@ -122,7 +122,10 @@ class ShuffledBatches:
     Each epoch is a permutation of the rows drawn from ``numpy.random.default_rng([seed, epoch])``;
     a step takes the next ``batch_size * world_size * grad_accum`` rows of that sequence, split by
     micro-batch and rank. With ``lengths`` (one per row) the permutation is rearranged by
-    :func:`length_grouped_order`, so that a step's rows have similar lengths.
+    :func:`length_grouped_order`, so that a step's rows have similar lengths. Rows with methods
+    ``for_epoch(epoch)`` and ``epoch_lengths(epoch)`` (e.g.
+    :class:`lmforge.data.bpe_dropout.SampledSegmentations`) give each epoch its own version of the
+    rows, grouped by their own lengths; the order still depends only on ``(seed, epoch)``.
     """
 
     def __init__(self, rows: list[Any], batch_size: int, grad_accum: int, seed: int,
@@ -133,18 +136,20 @@ class ShuffledBatches:
         self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
         if self.lengths is not None and len(self.lengths) != len(rows):
             raise ValueError(f"{len(self.lengths)} lengths for {len(rows)} rows")
-        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+        self._epoch, self._order, self._rows = -1, np.empty(0, dtype=np.int64), rows
 
     def _row(self, position: int) -> Any:
         epoch, index = divmod(position, len(self.rows))
         if epoch != self._epoch:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(len(self.rows))
-            if self.lengths is not None:
-                order = length_grouped_order(order, self.lengths, self.batch_size * self.world_size * self.grad_accum,
-                                             rng)
-            self._epoch, self._order = epoch, order
-        return self.rows[self._order[index]]
+            rows, lengths = self.rows, self.lengths
+            if hasattr(rows, "for_epoch"):
+                rows, lengths = rows.for_epoch(epoch), None if lengths is None else rows.epoch_lengths(epoch)
+            if lengths is not None:
+                order = length_grouped_order(order, lengths, self.batch_size * self.world_size * self.grad_accum, rng)
+            self._epoch, self._order, self._rows = epoch, order, rows
+        return self._rows[self._order[index]]
 
     def batch(self, step: int, micro: int) -> dict[str, Tensor]:
         per_step = self.batch_size * self.world_size * self.grad_accum

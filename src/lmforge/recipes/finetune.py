@@ -120,6 +120,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         raise ConfigError(f"question_match marks question words in QA contexts; this is a {task} run")
     if config.train.rdrop and task not in ("seq2seq", "classification"):
         raise ConfigError(f"train.rdrop is for seq2seq and classification fine-tuning; this is a {task} run")
+    if config.data.bpe_dropout and task != "seq2seq":
+        raise ConfigError(f"data.bpe_dropout is for seq2seq fine-tuning; this is a {task} run")
     if task != "sft":
         from lmforge.recipes.tasks import finetune_task
 

@@ -23,6 +23,7 @@ import yaml
 from torch import nn
 
 from lmforge.config import FinetuneConfig, to_dict
+from lmforge.data.bpe_dropout import SampledSegmentations, sampled_segmentations
 from lmforge.data.qa import match_ids, separator_id
 from lmforge.data.supervised import ShuffledBatches, split_records
 from lmforge.data.tasks import (
@@ -48,7 +49,7 @@ from lmforge.models import build_model
 from lmforge.models.heads import SequenceClassifier, SpanExtractor, choose_thresholds
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.checkpoint import load_model, resolve_checkpoint, update_task_info
-from lmforge.training.distributed import DistContext
+from lmforge.training.distributed import DistContext, barrier
 from lmforge.training.loop import Objective, TrainResult, setup_runtime, train
 from lmforge.training.objectives import classification_loss, seq2seq_loss, span_loss
 
@@ -68,6 +69,7 @@ class TaskRun:
     summary: str
     after: Callable[[TrainResult, nn.Module], None] | None = None  # e.g. tune thresholds on held-out data
     row_length: Callable[[Any], int] = lambda row: len(row[0])  # tokens of a row, for data.group_by_length
+    encode_train: Callable[[], list[Any]] | None = None  # re-encode train_rows' texts (for data.bpe_dropout)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -216,7 +218,8 @@ def seq2seq_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: Tokenize
     summary = f"{len(train_rows)} {purpose} pairs, {len(val_rows)} held out"
     objective = partial(seq2seq_loss, label_smoothing=config.train.label_smoothing, rdrop=config.train.rdrop)
     return TaskRun(backbone, objective, train_rows, collate, evaluator, {"kind": "seq2seq", "purpose": purpose},
-                   summary, row_length=lambda row: len(row[0]) + len(row[1]))
+                   summary, row_length=lambda row: len(row[0]) + len(row[1]),
+                   encode_train=partial(encode_pairs, train_pairs, tokenizer, block))
 
 
 def _json_has_field(path: str, name: str) -> bool:
@@ -330,6 +333,22 @@ class QAEvaluator:
 RUNS = {"classification": classification_run, "qa": qa_run, "seq2seq": seq2seq_run}
 
 
+def _bpe_dropout_rows(config: FinetuneConfig, run: TaskRun, tokenizer: Tokenizer, path: Path,
+                      context: DistContext) -> SampledSegmentations:
+    """The training rows under BPE-dropout: the main process samples (or, resuming, reads) them and
+    saves them to ``path``; the other ranks read them from there."""
+    data = config.data
+    if context.is_main:
+        rows = sampled_segmentations(run.train_rows, run.encode_train, tokenizer, data.bpe_dropout,
+                                     data.bpe_dropout_samples, path, bool(config.resume))
+        log.info("BPE-dropout %g: %d segmentations of the training rows sampled", data.bpe_dropout,
+                 data.bpe_dropout_samples)
+    barrier(context)
+    if not context.is_main:
+        rows = SampledSegmentations.load(path, run.train_rows, data.bpe_dropout, data.bpe_dropout_samples)
+    return rows
+
+
 def finetune_task(config: FinetuneConfig, task: str) -> TrainResult:
     """Train a task model (classification, qa or seq2seq) described by ``config``."""
     if config.lora.enabled:
@@ -345,6 +364,8 @@ def finetune_task(config: FinetuneConfig, task: str) -> TrainResult:
         raise ConfigError(f"train.best_metric {best!r} is not among this task's validation metrics: "
                           f"{', '.join(run.evaluator.metrics)}")
     train_config = config.train
+    if config.data.bpe_dropout:
+        run.train_rows = _bpe_dropout_rows(config, run, tokenizer, run_dir / "bpe-dropout.npz", context)
     lengths = [run.row_length(row) for row in run.train_rows] if config.data.group_by_length else None
     batches = ShuffledBatches(run.train_rows, train_config.batch_size, train_config.grad_accum, train_config.seed,
                               run.collate, context.rank, context.world_size, lengths)

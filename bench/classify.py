@@ -6,7 +6,8 @@ Data (../shared/data): AG News (``train.csv`` 3,600 -> ``test.csv`` 2,000, 4 top
   (C=10), fitted on every training row.
 - lmforge: the encoder from bench/task_pretrain.py fine-tuned with ``FinetuneConfig(checkpoint=...,
   task="classification")`` for ``--max-time`` seconds (``--pooling``, default mean; ``--dtype``, default
-  fp32; ``--dropout``, default the checkpoint's; ``--rdrop``, R-Drop's weight, default off); every
+  fp32; ``--dropout``, default the checkpoint's; ``--rdrop``, R-Drop's weight, default off;
+  ``--group-by-length``, batches of texts of similar length, default off); every
   10th training row is its ``data.val_path`` and the checkpoint with the best validation
   ``--best-metric`` (default accuracy) is tested. Test accuracy and macro-F1 through
   ``lmforge.evaluation.evaluate(lm, "classification", ...)``.
@@ -76,7 +77,8 @@ def lmforge_classifier(encoder: str, train: list[dict], test: list[dict], work: 
     options = {"checkpoint": encoder, "task": "classification", "out": str(work / "run"), "pooling": args.pooling,
                "dropout": args.dropout,
                "data": {"path": str(write_jsonl(work / "train.jsonl", fit)),
-                        "val_path": str(write_jsonl(work / "val.jsonl", val))},
+                        "val_path": str(write_jsonl(work / "val.jsonl", val)),
+                        "group_by_length": args.group_by_length},
                "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=32, warmup_steps=50,
                                       eval_interval=args.eval_interval, weight_decay=0.01, seed=seed,
                                       rdrop=args.rdrop,
@@ -156,6 +158,8 @@ def main() -> None:
     parser.add_argument("--pooling", default="mean", help="the classifier head's pooling: mean, first or last")
     parser.add_argument("--best-metric", default="accuracy", help="what picks the tested checkpoint: accuracy, loss")
     parser.add_argument("--dtype", default="fp32", help="fine-tuning precision: fp32 or bf16")
+    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
+                        help="batch texts of similar length together (data.group_by_length)")
     parser.add_argument("--dropout", type=float, default=None,
                         help="the encoder's dropout while fine-tuning (FinetuneConfig.dropout; default: the "
                              "checkpoint's)")

@@ -7,7 +7,8 @@ Data (../shared/data): AG News (``train.csv`` 3,600 -> ``test.csv`` 2,000, 4 top
 - lmforge: the encoder from bench/task_pretrain.py fine-tuned with ``FinetuneConfig(checkpoint=...,
   task="classification")`` for ``--max-time`` seconds (``--pooling``, default mean; ``--dtype``, default
   fp32; ``--dropout``, default the checkpoint's; ``--rdrop``, R-Drop's weight, default off;
-  ``--group-by-length``, batches of texts of similar length, default off); every
+  ``--group-by-length``, batches of texts of similar length, default off; ``--layer-lr-decay``,
+  layer-wise learning-rate decay, default off); every
   10th training row is its ``data.val_path`` and the checkpoint with the best validation
   ``--best-metric`` (default accuracy) is tested. Test accuracy and macro-F1 through
   ``lmforge.evaluation.evaluate(lm, "classification", ...)``.
@@ -81,6 +82,7 @@ def lmforge_classifier(encoder: str, train: list[dict], test: list[dict], work: 
                         "group_by_length": args.group_by_length},
                "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=32, warmup_steps=50,
                                       eval_interval=args.eval_interval, weight_decay=0.01, seed=seed,
+                                      layer_lr_decay=args.layer_lr_decay,
                                       rdrop=args.rdrop,
                                       best_metric=args.best_metric, dtype=args.dtype, eval_windows=None,
                                       **({"max_steps": args.max_steps} if args.max_steps else {}))}
@@ -160,6 +162,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", help="fine-tuning precision: fp32 or bf16")
     parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
                         help="batch texts of similar length together (data.group_by_length)")
+    parser.add_argument("--layer-lr-decay", type=float, default=1.0,
+                        help="train.layer_lr_decay: each block below the head learns this much slower (1: off)")
     parser.add_argument("--dropout", type=float, default=None,
                         help="the encoder's dropout while fine-tuning (FinetuneConfig.dropout; default: the "
                              "checkpoint's)")

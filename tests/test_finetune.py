@@ -241,6 +241,25 @@ def test_full_run_directory_and_checkpoint(full_run, base, data):
 
 
 # ------------------------------------------------------------------------------------ LoRA
+def test_layer_lr_decay_scales_each_blocks_first_step(base, data, tmp_path):
+    """Adam's first step moves each weight that has a gradient by the step's rate itself, so with
+    layer-wise decay 0.5 the final norm moves by lr, block k of L by lr x 0.5^(L - k) and the
+    (tied) embeddings by lr x 0.5^(L + 1)."""
+    before = load_file(str(base / "model.safetensors"))
+    result = finetune(ft_config(base, data["alpaca"], tmp_path / "llrd", max_steps=1, warmup_steps=0, lr=1e-3,
+                                eval_interval=0, layer_lr_decay=0.5))
+    after = load_file(str(Path(result.final_checkpoint) / "model.safetensors"))
+    layers = 1 + max(int(name.split(".")[1]) for name in before if name.startswith("blocks."))
+
+    def moved(name: str) -> float:
+        return (after[name] - before[name]).abs().max().item()
+
+    assert moved("norm.weight") == pytest.approx(1e-3, rel=1e-3)
+    for k in range(layers):
+        assert moved(f"blocks.{k}.mlp.up_proj.weight") == pytest.approx(1e-3 * 0.5 ** (layers - k), rel=1e-3)
+    assert moved("tok_emb.weight") == pytest.approx(1e-3 * 0.5 ** (layers + 1), rel=1e-3)
+
+
 def test_lora_lowers_the_loss_and_trains_only_adapters(lora_run, base, base_loss):
     result, out, base_digest_before, messages = lora_run
     assert result.metrics["val_loss"] < base_loss - 1.0

@@ -21,7 +21,7 @@ from lmforge.config import TrainConfig, to_dict
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.recipes.pretrain import pretrain
 from lmforge.training.checkpoint import latest_checkpoint, load_model, prune_checkpoints, resolve_checkpoint
-from lmforge.training.optim import build_optimizer, learning_rate, parameter_groups
+from lmforge.training.optim import build_optimizer, layer_depths, learning_rate, parameter_groups
 from process_control import kill_when
 
 
@@ -76,6 +76,37 @@ def test_decay_groups_and_optimizers(lm):
     for name, kind in (("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("adagrad", torch.optim.Adagrad)):
         optimizer = build_optimizer(lm.model, TrainConfig(optimizer=name), torch.device("cpu"))
         assert isinstance(optimizer, kind)
+
+
+def test_layer_depths_for_layer_wise_learning_rate_decay():
+    from lmforge.config import ModelConfig
+    from lmforge.models.encoder import EncoderLM
+    from lmforge.models.heads import SequenceClassifier
+    from lmforge.models.lstm import LSTMLM
+    from lmforge.models.seq2seq import Seq2SeqLM
+
+    small = dict(n_layer=2, n_embd=32, n_head=2, block_size=16, vocab_size=50)
+    classifier = SequenceClassifier(EncoderLM(ModelConfig(family="encoder", **small)), 3)
+    depths = layer_depths(classifier)
+    assert depths["backbone.tok_emb.weight"] == depths["backbone.pos_emb.weight"] == 0
+    assert depths["backbone.blocks.0.attn.qkv_proj.weight"] == 1 and depths["backbone.blocks.1.norm2.bias"] == 2
+    assert depths["backbone.norm.weight"] == depths["head.weight"] == depths["head.bias"] == 3
+    groups = parameter_groups(classifier, 0.01, layer_lr_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(classifier.named_parameters())
+    assert scale[id(named["head.weight"])] == 1.0 and scale[id(named["backbone.blocks.1.mlp.up_proj.weight"])] == 0.5
+    assert scale[id(named["backbone.tok_emb.weight"])] == 0.125
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    assert all(g["weight_decay"] == (0.01 if p.dim() >= 2 else 0.0) for g in groups for p in g["params"])
+
+    seq2seq = layer_depths(Seq2SeqLM(ModelConfig(family="seq2seq", n_decoder_layer=2, **small)))
+    assert seq2seq["encoder_blocks.1.mlp.up_proj.weight"] == 2 and seq2seq["encoder_norm.weight"] == 2
+    assert seq2seq["decoder_blocks.0.cross_attn.q_proj.weight"] == 3 and seq2seq["norm.weight"] == 5
+    with pytest.raises(ConfigError, match="numbered blocks"):
+        layer_depths(LSTMLM(ModelConfig(family="lstm", **small)))
+    with pytest.raises(ConfigError, match=r"layer_lr_decay must be in \(0, 1\]"):
+        TrainConfig(layer_lr_decay=1.5).validate()
+
 
 
 def test_gradient_accumulation_equals_a_larger_batch(char_data, tmp_path):

@@ -142,6 +142,9 @@ class TrainConfig:
     warmup_steps: int = option(100, "linear warm-up steps")
     decay_steps: int | None = option(None, "steps over which the rate decays to min_lr (default: max_steps)")
     weight_decay: float = option(0.1, "weight decay of 2-D weights (matrices, embeddings); never norms or biases")
+    layer_lr_decay: float = option(1.0, "layer-wise learning-rate decay for fine-tuning (ELECTRA, BEiT): the "
+                                         "heads get lr, the top block lr x d, each block below d times less, "
+                                         "the embeddings lr x d^(L+1) (1: off)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
     momentum: float = option(0.9, "SGD momentum")
@@ -182,6 +185,8 @@ class TrainConfig:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), not {self.label_smoothing}")
         _check_positive("train.rdrop", self.rdrop, allow_zero=True)
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise ConfigError(f"train.layer_lr_decay must be in (0, 1], not {self.layer_lr_decay}")
         _check_positive("train.min_lr", self.min_lr, allow_none=True, allow_zero=True)
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.grad_accum", self.grad_accum)

@@ -201,7 +201,7 @@ class _Trainer:
         config, scaler = self.config, self.scaler
         self.lr = learning_rate(self.step, config, self.elapsed)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)  # layer-wise decay scales some groups
         for micro in range(config.grad_accum):
             batch = _to_device(self.batches.batch(self.step, micro), self.device)
             last_micro = micro == config.grad_accum - 1

@@ -1,30 +1,71 @@
-"""Optimisers with decay / no-decay parameter groups, and learning-rate schedules."""
+"""Optimisers with decay / no-decay parameter groups (optionally with layer-wise learning-rate decay),
+and learning-rate schedules."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 
 from lmforge.config import TrainConfig
+from lmforge.errors import ConfigError
+
+BLOCK_NAME = re.compile(r"(?:^|\.)((?:\w+_)?blocks\.\d+)\.")  # blocks.3., encoder_blocks.0., ...
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: 2-D weights (matrices, embeddings) decay; norms and biases do not (nanoGPT's rule).
+def layer_depths(model: nn.Module) -> dict[str, int]:
+    """Depth of every parameter, for layer-wise learning-rate decay: 0 for what comes before the first
+    block (embeddings), k for the k-th numbered block in registration order (``blocks.N``,
+    ``encoder_blocks.N``, ``decoder_blocks.N``; 1-based), the last block's depth for parameters between
+    blocks (e.g. an encoder's final norm) and L + 1 for what follows the last of the L blocks (final
+    norm, LM or task heads)."""
+    names = [name for name, _ in model.named_parameters()]
+    blocks: dict[str, int] = {}
+    for name in names:
+        match = BLOCK_NAME.search(name)
+        if match and match.group(1) not in blocks:
+            blocks[match.group(1)] = len(blocks) + 1
+    if not blocks:
+        raise ConfigError(f"train.layer_lr_decay needs a model of numbered blocks (transformers); "
+                          f"{type(model).__name__} has none")
+    last_block = max(i for i, name in enumerate(names) if BLOCK_NAME.search(name))
+    depths, depth = {}, 0
+    for i, name in enumerate(names):
+        match = BLOCK_NAME.search(name)
+        if match:
+            depth = blocks[match.group(1)]
+        depths[name] = len(blocks) + 1 if i > last_block else depth
+    return depths
 
-    Only parameters that require gradients are included (frozen ones, e.g. under LoRA, are left out).
+
+def parameter_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
+    """2-D weights (matrices, embeddings) decay; norms and biases do not (nanoGPT's rule).
+
+    With ``layer_lr_decay`` d < 1 (ELECTRA's and BEiT's layer-wise decay, for fine-tuning) each group
+    also carries ``lr_scale`` = d ** (D - depth) (:func:`layer_depths`, D the greatest depth): the
+    heads keep the full rate, the top block d times it and the embeddings d ** (L + 1). Only parameters that require
+    gradients are included (frozen ones, e.g. under LoRA, are left out).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if layer_lr_decay == 1.0:
+        return [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    depths = layer_depths(model)
+    top = max(depths.values())
+    groups: dict[tuple[bool, int], dict] = {}
+    for name, p in named:
+        decays, depth = p.dim() >= 2, depths[name]
+        group = groups.setdefault((decays, depth), {"params": [], "weight_decay": weight_decay if decays else 0.0,
+                                                    "lr_scale": layer_lr_decay ** (top - depth)})
+        group["params"].append(p)
+    return list(groups.values())
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW (fused kernel where available), SGD with momentum, or Adagrad."""
-    groups = parameter_groups(model, config.weight_decay)
+    groups = parameter_groups(model, config.weight_decay, config.layer_lr_decay)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
                                  fused=device.type in ("cpu", "cuda"))

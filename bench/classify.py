@@ -8,7 +8,8 @@ Data (../shared/data): AG News (``train.csv`` 3,600 -> ``test.csv`` 2,000, 4 top
   task="classification")`` for ``--max-time`` seconds (``--pooling``, default mean; ``--dtype``, default
   fp32; ``--dropout``, default the checkpoint's; ``--rdrop``, R-Drop's weight, default off;
   ``--group-by-length``, batches of texts of similar length, default off; ``--layer-lr-decay``,
-  layer-wise learning-rate decay, default off); every
+  layer-wise learning-rate decay, default off; ``--ngram-buckets``, a hashed uni- and bigram bag beside
+  the encoder, default off); every
   10th training row is its ``data.val_path`` and the checkpoint with the best validation
   ``--best-metric`` (default accuracy) is tested. Test accuracy and macro-F1 through
   ``lmforge.evaluation.evaluate(lm, "classification", ...)``.
@@ -76,7 +77,7 @@ def lmforge_classifier(encoder: str, train: list[dict], test: list[dict], work: 
     """Fine-tune the encoder once (seed ``seed``); its test row and its best checkpoint."""
     fit, val = split_off(train, fold=seed - 1 if args.folds else 0)
     options = {"checkpoint": encoder, "task": "classification", "out": str(work / "run"), "pooling": args.pooling,
-               "dropout": args.dropout,
+               "dropout": args.dropout, "ngram_buckets": args.ngram_buckets, "ngram_lr": args.ngram_lr,
                "data": {"path": str(write_jsonl(work / "train.jsonl", fit)),
                         "val_path": str(write_jsonl(work / "val.jsonl", val)),
                         "group_by_length": args.group_by_length},
@@ -87,7 +88,8 @@ def lmforge_classifier(encoder: str, train: list[dict], test: list[dict], work: 
                                       best_metric=args.best_metric, dtype=args.dtype, eval_windows=None,
                                       **({"max_steps": args.max_steps} if args.max_steps else {}))}
     result, seconds = run_finetune(options)
-    row = {"model": "lmforge MLM encoder" + (f" (seed {seed})" if args.seeds > 1 else ""),
+    row = {"model": "lmforge MLM encoder" + (" + n-grams" if args.ngram_buckets else "")
+                    + (f" (seed {seed})" if args.seeds > 1 else ""),
            **test_scores(LanguageModel.load(result.best_checkpoint, device="cpu"), test, work),
            "train_s": seconds, "steps": result.step}
     return row, Path(result.best_checkpoint)
@@ -170,6 +172,10 @@ def main() -> None:
     parser.add_argument("--rdrop", type=float, default=0.0,
                         help="R-Drop weight while fine-tuning (train.rdrop): symmetric KL between two dropout "
                              "passes; 0: off")
+    parser.add_argument("--ngram-buckets", type=int, default=0,
+                        help="FinetuneConfig.ngram_buckets: a hashed uni- and bigram bag added to the head's logits "
+                             "(wide & deep); 0: off")
+    parser.add_argument("--ngram-lr", type=float, default=0.03, help="the n-gram bag's peak learning rate")
     parser.add_argument("--seeds", type=int, default=1,
                         help="fine-tune N times (seeds 1..N, --max-time each); also test their ensemble (mean "
                              "probabilities) and their soup (mean weights)")

@@ -12,10 +12,12 @@ from lmforge.errors import ConfigError
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.encoder import EncoderLM
 from lmforge.models.heads import (
+    GOLDEN_32,
     MASKED_LOGIT,
     SequenceClassifier,
     SpanExtractor,
     choose_thresholds,
+    pool,
     predict_label_sets,
 )
 from lmforge.training.objectives import classification_loss, span_loss
@@ -218,6 +220,56 @@ def test_question_match_feature_finds_question_words_in_the_context():
     assert (start_logits.argmax(-1) == batch["start_positions"]).float().mean() > 0.9
 
 
+def reference_ngram_logits(table: torch.Tensor, folded: list[int], row: list[int]) -> torch.Tensor:
+    """The bag's logits of one unpadded row, with Python integers: unigram keys are folded ids, bigram
+    keys V + a * V + b, each hashed to (key * GOLDEN_32 mod 2**32) * N // 2**32."""
+    V, N = len(folded), table.shape[0]
+    ids = [folded[t] for t in row]
+    keys = ids + [V + a * V + b for a, b in zip(ids, ids[1:])]
+    buckets = [(key * GOLDEN_32 % 2**32) * N // 2**32 for key in keys]
+    return table[buckets].sum(0) / len(keys) ** 0.5
+
+
+def test_ngram_bag_hashes_folded_unigrams_and_bigrams_and_ignores_padding():
+    folded = torch.arange(VOCAB)
+    folded[8] = 7  # token 8 counts as token 7 (as " Paris" and "paris" do under folded_ids)
+    model = SequenceClassifier(backbone("encoder"), 3, ngram_buckets=64, ngram_ids=folded).eval()
+    torch.nn.init.normal_(model.ngram_table.weight)
+    rows = [[BOS, 6, 7, 9, EOS], [BOS, 7, EOS], [BOS, 6, 8, 9, EOS]]
+    ids, mask = right_pad(rows)
+    buckets, present = model.ngram_buckets_of(ids, mask)
+    assert buckets.shape == present.shape == (3, 2 * 5 - 1) and 0 <= buckets.min() and buckets.max() < 64
+    assert present.sum(-1).tolist() == [9, 5, 9]  # T unigrams + T - 1 bigrams of the real tokens
+    with torch.no_grad():
+        bag = model.ngram_logits(ids, mask)
+        for i, row in enumerate(rows):
+            assert_close(bag[i], reference_ngram_logits(model.ngram_table.weight, folded.tolist(), row))
+            alone = torch.tensor([row])
+            assert_close(model.ngram_logits(alone)[0], bag[i])  # padding adds nothing
+            assert_close(model(alone)[0], model(ids, attention_mask=mask)[i], atol=1e-5, rtol=1e-5)
+        assert_close(bag[0], bag[2])  # 7 and 8 fold to one id
+        assert_close(model(ids, attention_mask=mask), model.head(pool(
+            model.backbone.hidden_states(ids, attention_mask=mask), mask, "first")) + bag)
+    # 5,000 consecutive keys into 4,096 buckets fill about as many as a uniform hash would (2,887).
+    spread = SequenceClassifier(backbone("encoder"), 3, ngram_buckets=4096, ngram_ids=torch.arange(5000))
+    used = spread.ngram_buckets_of(torch.arange(5000)[None])[0][0, :5000].unique().numel()
+    assert used > 0.95 * 4096 * (1 - (1 - 1 / 4096) ** 5000)
+    with pytest.raises(ConfigError, match="ngram_buckets must be 0"):
+        SequenceClassifier(backbone("encoder"), 3, ngram_buckets=-1)
+
+
+def test_ngram_bag_alone_learns_key_tokens():
+    model = SequenceClassifier(backbone("encoder"), len(KEYS), ngram_buckets=256)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name == "ngram_table.weight")
+    losses = train(model, classification_loss, single_label_batch, steps=100, lr=0.1)
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 / 4
+    batch = single_label_batch(torch.Generator().manual_seed(99), 200)
+    with torch.no_grad():
+        logits = model.eval()(batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert (logits.argmax(-1) == batch["labels"]).float().mean() > 0.95
+
+
 def test_head_conventions_and_checkpoints(tmp_path):
     from lmforge.tokenizer import Tokenizer
     from lmforge.training.checkpoint import load_model, save_checkpoint
@@ -237,16 +289,24 @@ def test_head_conventions_and_checkpoints(tmp_path):
     tokenizer = Tokenizer.train(["abcdefghijklm"], "char")
     assert tokenizer.vocab_size <= VOCAB
     ids = torch.randint(0, tokenizer.vocab_size, (2, 9))
-    for model, task in ((SequenceClassifier(backbone("decoder"), 3, pooling="last"),
-                         {"kind": "classification", "labels": ["a", "b", "c"], "pooling": "last"}),
-                        (SpanExtractor(backbone("encoder")), {"kind": "qa"}),
-                        (SpanExtractor(backbone("encoder"), EOS, torch.arange(VOCAB).flip(0)),
-                         {"kind": "qa", "separator_id": EOS})):
-        path = save_checkpoint(tmp_path / task["kind"], model.eval(), tokenizer, info={"task": task})
+    cases = [(SequenceClassifier(backbone("decoder"), 3, pooling="last"),
+              {"kind": "classification", "labels": ["a", "b", "c"], "pooling": "last"}),
+             (SequenceClassifier(backbone("encoder"), 3, ngram_buckets=32, ngram_ids=torch.arange(VOCAB).flip(0)),
+              {"kind": "classification", "labels": ["a", "b", "c"], "ngram_buckets": 32}),
+             (SpanExtractor(backbone("encoder")), {"kind": "qa"}),
+             (SpanExtractor(backbone("encoder"), EOS, torch.arange(VOCAB).flip(0)),
+              {"kind": "qa", "separator_id": EOS})]
+    for i, (model, task) in enumerate(cases):
+        if hasattr(model, "ngram_table"):
+            torch.nn.init.normal_(model.ngram_table.weight)
+        path = save_checkpoint(tmp_path / str(i), model.eval(), tokenizer, info={"task": task})
         loaded, _, _ = load_model(path)
         assert type(loaded) is type(model) and loaded.state_dict().keys() == model.state_dict().keys()
         if "separator_id" in task:  # the match ids travel with the weights
             assert loaded.separator_id == EOS and loaded.match_ids.tolist() == model.match_ids.tolist()
+        if "ngram_buckets" in task:  # so do the bag's table and folded ids
+            assert loaded.ngram_ids.tolist() == model.ngram_ids.tolist()
+            assert_close(loaded.ngram_table.weight, model.ngram_table.weight)
         with torch.no_grad():
             assert_close(loaded(ids), model(ids))
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.data.qa import AnswerSpan, QAWindow, best_span, char_spans, match_ids, qa_windows, separator_id
+from lmforge.data.folding import folded_ids
+from lmforge.data.qa import AnswerSpan, QAWindow, best_span, char_spans, qa_windows, separator_id
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import Tokenizer
 
@@ -208,11 +209,11 @@ def test_errors(tokenizer):
         qa_windows(tokenizer, "Why?", CONTEXT, max_length=64, stride=4, answer=(5, len(CONTEXT) + 1))
 
 
-def test_match_ids_ignore_case_and_leading_spaces():
+def test_folded_ids_ignore_case_and_leading_spaces():
     text = "Paris is big. paris, Paris and PARIS again: 日本語 and 日本"
     tokenizer = Tokenizer.train([text] * 20, "bpe", vocab_size=300)
     V = tokenizer.vocab_size
-    ids = match_ids(tokenizer, V + 4)
+    ids = folded_ids(tokenizer, V + 4)
     assert ids.shape == (V + 4,) and ids[-4:].tolist() == list(range(V, V + 4))  # ids past the tokenizer's
     words = {text: tokenizer.encode(text) for text in ("Paris", " Paris", " paris")}
     assert all(len(encoded) == 1 for encoded in words.values()), words

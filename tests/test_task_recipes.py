@@ -327,13 +327,33 @@ def test_qa_with_question_match_features(tmp_path):
     assert (answer.text, context[answer.start:answer.end]) == ("Lima", "Lima")
 
 
-def test_question_match_is_for_qa_only(tmp_path, classification_files):
+def test_classifier_with_an_ngram_bag(tmp_path, classification_files):
     folder, tokenizer = classification_files
     config = FinetuneConfig(tokenizer=str(tokenizer), model=tiny("encoder"), out=str(tmp_path / "run"),
-                            question_match=True, data=FinetuneDataConfig(path=str(folder / "train.csv")),
-                            train=train_options())
-    with pytest.raises(ConfigError, match="question_match marks question words in QA contexts; this is a "
-                                          "classification run"):
+                            ngram_buckets=4096, ngram_lr=0.05,
+                            data=FinetuneDataConfig(path=str(folder / "train.csv"), val_fraction=0.2),
+                            train=train_options(max_steps=60, eval_interval=20, lr=1e-4))
+    result = finetune(config)
+    assert result.metrics["val_accuracy"] > 0.9  # the backbone alone barely moves at lr 1e-4 in 60 steps
+    task = read_config(result.best_checkpoint)["task"]
+    assert task["ngram_buckets"] == 4096
+    lm = LanguageModel.load(result.best_checkpoint, device="cpu")
+    assert lm.model.ngram_table.weight.abs().max() > 0.5  # learnt at ngram_lr, 500x the backbone's rate
+    assert lm.classify("we saw the drum today").label == "music"
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"question_match": True}, "question_match marks question words in QA contexts; this is a classification run"),
+    ({"ngram_buckets": 64, "task": "qa"}, "ngram_buckets adds an n-gram bag to a classifier; this is a qa run"),
+    ({"ngram_buckets": -1}, "ngram_buckets must be >= 0, not -1"),
+    ({"ngram_lr": 0.0}, "ngram_lr must be > 0, not 0.0"),
+])
+def test_task_specific_options_are_refused_elsewhere(tmp_path, classification_files, option, message):
+    folder, tokenizer = classification_files
+    config = FinetuneConfig(tokenizer=str(tokenizer), model=tiny("encoder"), out=str(tmp_path / "run"),
+                            data=FinetuneDataConfig(path=str(folder / "train.csv")), train=train_options(),
+                            **option)
+    with pytest.raises(ConfigError, match=re.escape(message)):
         finetune(config)
 
 

@@ -92,12 +92,19 @@ def test_layer_depths_for_layer_wise_learning_rate_decay():
     assert depths["backbone.blocks.0.attn.qkv_proj.weight"] == 1 and depths["backbone.blocks.1.norm2.bias"] == 2
     assert depths["backbone.norm.weight"] == depths["head.weight"] == depths["head.bias"] == 3
     groups = parameter_groups(classifier, 0.01, layer_lr_decay=0.5)
-    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    scale = {id(p): g.get("lr_scale", 1.0) for g in groups for p in g["params"]}
     named = dict(classifier.named_parameters())
     assert scale[id(named["head.weight"])] == 1.0 and scale[id(named["backbone.blocks.1.mlp.up_proj.weight"])] == 0.5
     assert scale[id(named["backbone.tok_emb.weight"])] == 0.125
     assert sum(len(g["params"]) for g in groups) == len(named)
     assert all(g["weight_decay"] == (0.01 if p.dim() >= 2 else 0.0) for g in groups for p in g["params"])
+    # A parameter's own lr_scale (a classifier's n-gram table has one) multiplies its layer's.
+    classifier.head.weight.lr_scale = 10.0
+    scale = {id(p): g.get("lr_scale", 1.0) for g in parameter_groups(classifier, 0.01, 0.5) for p in g["params"]}
+    assert scale[id(classifier.head.weight)] == 10.0 and scale[id(named["backbone.blocks.0.norm1.weight"])] == 0.25
+    plain = parameter_groups(classifier, 0.01)
+    assert [g.get("lr_scale", 1.0) for g in plain] == [1.0, 1.0, 10.0]
+    assert plain[2]["params"] == [classifier.head.weight]
 
     seq2seq = layer_depths(Seq2SeqLM(ModelConfig(family="seq2seq", n_decoder_layer=2, **small)))
     assert seq2seq["encoder_blocks.1.mlp.up_proj.weight"] == 2 and seq2seq["encoder_norm.weight"] == 2

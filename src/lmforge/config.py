@@ -368,6 +368,11 @@ class FinetuneConfig:
     purpose: str = option("auto", "seq2seq: translation, summarization or generic (auto: from the data fields)")
     pooling: str = option("auto", "classification: the text's state the head reads: first (token), last, mean "
                                   "(over the real tokens), or auto (first for encoders, last for causal models)")
+    ngram_buckets: int = option(0, "classification: add a linear bag of the text's hashed token uni- and "
+                                   "bigrams, this many buckets, to the head's logits (fastText's bag beside the "
+                                   "encoder: wide & deep; helps small data; e.g. 262144); 0: off")
+    ngram_lr: float = option(0.03, "classification: peak learning rate of the n-gram bag (it learns from zero, "
+                                   "so far faster than the backbone; follows train.lr's schedule)")
     question_match: bool = option(False, "qa: mark the context tokens that also occur in the question with a "
                                          "learned input embedding (DrQA's exact-match feature; helps small data)")
     dropout: float | None = option(None, "dropout while fine-tuning a checkpoint (default: its model.dropout; "
@@ -385,6 +390,8 @@ class FinetuneConfig:
         _check_choice("task", self.task, ("auto", "sft", "classification", "qa", "seq2seq"))
         _check_choice("purpose", self.purpose, ("auto", "translation", "summarization", "generic"))
         _check_choice("pooling", self.pooling, ("auto", "first", "last", "mean"))
+        _check_positive("ngram_buckets", self.ngram_buckets, allow_zero=True)
+        _check_positive("ngram_lr", self.ngram_lr)
         if not self.checkpoint and not self.tokenizer:
             raise ConfigError("no base checkpoint: give CHECKPOINT (or, to train a task model from scratch, "
                               "--tokenizer DIR and --model.preset NAME)")

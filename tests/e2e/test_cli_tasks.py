@@ -72,6 +72,11 @@ def test_task_input_errors_are_one_line(classifier, tmp_path):
     assert_clean_error(lmforge("finetune", "--tokenizer", folder / "tok", "--data", folder / "train.tsv",
                                "--pooling", "max", "--out", tmp_path / "p"), "pooling must be one of")
     assert_clean_error(lmforge("finetune", "--tokenizer", folder / "tok", "--data", folder / "train.tsv",
+                               "--ngram_buckets", -1, "--out", tmp_path / "n"), "ngram_buckets must be >= 0")
+    assert_clean_error(lmforge("finetune", "--tokenizer", folder / "tok", "--data", bad, "--task", "seq2seq",
+                               "--model.family", "seq2seq", "--ngram_buckets", 64, "--out", tmp_path / "s"),
+                       "ngram_buckets adds an n-gram bag to a classifier; this is a seq2seq run")
+    assert_clean_error(lmforge("finetune", "--tokenizer", folder / "tok", "--data", folder / "train.tsv",
                                "--model.family", "encoder", "--model.n_layer", 1, "--model.n_embd", 16,
                                "--model.n_head", 2, "--model.block_size", 32, "--train.max_steps", 2,
                                "--train.eval_interval", 1, "--train.device", "cpu", "--train.progress", "false",

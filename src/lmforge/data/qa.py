@@ -100,23 +100,6 @@ def separator_id(tokenizer: Tokenizer) -> int:
     return _special_ids(tokenizer)[1]
 
 
-def match_ids(tokenizer: Tokenizer, size: int) -> Tensor:
-    """(size,) ids under which tokens count as the same word for
-    :meth:`~lmforge.models.heads.SpanExtractor.question_matches`: tokens whose text is the same once
-    lowercased and stripped of surrounding spaces (`` Paris``, ``paris``) share the smallest such id;
-    special tokens, tokens of only spaces and byte-level pieces of a character keep their own id."""
-    ids = torch.arange(size)
-    first: dict[str, int] = {}
-    special = tokenizer.special_ids
-    for token in range(min(size, tokenizer.vocab_size)):
-        if token in special:
-            continue
-        key = tokenizer.decode([token]).strip().lower()
-        if key and "\ufffd" not in key:
-            ids[token] = first.setdefault(key, token)
-    return ids
-
-
 def answer_tokens(spans: Sequence[Offset], answer: Offset) -> tuple[int, int]:
     """The first and last token (indices into ``spans``, from :func:`char_spans`) whose characters
     overlap the ``answer`` character span (a BPE token may start with a space before the answer)."""

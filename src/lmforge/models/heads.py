@@ -7,6 +7,7 @@ a task checkpoint's weights are ``backbone.*`` (loadable into the bare backbone 
 prefix) and ``head.*``.
 
     SequenceClassifier   states -> pool one position per row -> dropout -> head -> logits (B, L)
+                         [+ the text's hashed uni- and bigram bag -> logits (B, L): wide & deep]
     SpanExtractor        [question matches -> backbone inputs] states -> head -> start and end logits, each (B, T)
 
 Multi-label classification turns (B, L) sigmoid probabilities into label sets with a threshold per
@@ -26,6 +27,7 @@ from lmforge.errors import ConfigError
 
 POOLINGS = ("first", "last", "mean")
 MASKED_LOGIT = -1e4  # start/end logit of padding: no chance under softmax, finite in fp16 and bf16
+GOLDEN_32 = 0x9E3779B1  # Knuth's multiplicative hash: n-gram key -> 32 well-mixed bits
 
 
 def pool(states: Tensor, attention_mask: Tensor | None, pooling: str) -> Tensor:
@@ -69,30 +71,69 @@ class SequenceClassifier(nn.Module):
         pooling: ``"first"`` (encoders, whose inputs start with bos) or ``"last"`` (causal backbones:
             the last real token, e.g. eos).
         dropout: dropout on the pooled state during training.
+        ngram_buckets: with N > 0, a linear bag of n-grams beside the backbone (Wide & Deep, Cheng et al.
+            2016; the bag is fastText's, Joulin et al. 2017): the text's token unigrams and bigrams, read
+            through ``ngram_ids`` (:func:`lmforge.data.folding.folded_ids`: case and spaces folded away),
+            hash into an (N, num_labels) table (``ngram_table``, starting at zero) whose rows, summed and
+            divided by the root of their count (as TF-IDF's L2-normalised rows), add to the logits. What
+            a TF-IDF + logistic-regression baseline lives on, learnt jointly with the backbone.
+        ngram_ids: (V,) the id each token counts as in the bag (default: its own).
     """
 
-    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str = "first", dropout: float = 0.1):
+    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str = "first", dropout: float = 0.1,
+                 ngram_buckets: int = 0, ngram_ids: Tensor | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
         if num_labels < 1:
             raise ConfigError(f"a classifier needs at least one label, not {num_labels}")
+        if ngram_buckets < 0:
+            raise ConfigError(f"ngram_buckets must be 0 (no n-gram bag) or more, not {ngram_buckets}")
         self.backbone = backbone
         self.pooling = pooling
         self.num_labels = num_labels
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.config.n_embd, num_labels)
         _init_linear(self.head)
+        self.ngram_buckets = ngram_buckets
+        if ngram_buckets:
+            self.ngram_table = nn.Embedding(ngram_buckets, num_labels)
+            nn.init.zeros_(self.ngram_table.weight)
+            if ngram_ids is None:
+                ngram_ids = torch.arange(backbone.config.vocab_size)
+            self.register_buffer("ngram_ids", ngram_ids.long().clone())  # (V,), saved with the weights
 
     @property
     def config(self) -> ModelConfig:
         """The backbone's config (what a checkpoint saves)."""
         return self.backbone.config
 
+    def ngram_buckets_of(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The bag's rows for ids (B, T): (bucket (B, 2T - 1) long, present (B, 2T - 1) bool), the T unigrams
+        then the T - 1 bigrams of adjacent tokens; an n-gram is present when all its tokens are real."""
+        ids = self.ngram_ids[input_ids]                                                 # (B, T)
+        real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        vocab = self.ngram_ids.shape[0]
+        bigrams = vocab + ids[:, :-1] * vocab + ids[:, 1:]                              # (B, T - 1), past unigrams
+        keys = torch.cat([ids, bigrams], dim=1)                                         # (B, 2T - 1)
+        present = torch.cat([real, real[:, :-1] & real[:, 1:]], dim=1)                  # (B, 2T - 1)
+        mixed = (keys * GOLDEN_32) & 0xFFFFFFFF                                         # 32 bits of each key
+        return (mixed * self.ngram_buckets) >> 32, present                              # high bits -> [0, N)
+
+    def ngram_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The n-gram bag's logits (B, num_labels) of ids (B, T): the rows of the present n-grams, summed
+        and divided by the square root of their count."""
+        buckets, present = self.ngram_buckets_of(input_ids, attention_mask)
+        rows = self.ngram_table(buckets) * present[..., None]                           # (B, 2T - 1, L)
+        return rows.sum(dim=1) / present.sum(dim=1, keepdim=True).clamp_min(1).sqrt()
+
     def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
         """Logits (B, num_labels) of ids (B, T); ``attention_mask`` (B, T) bool is True for real tokens."""
         states = self.backbone.hidden_states(input_ids, attention_mask=attention_mask)  # (B, T, C)
-        return self.head(self.dropout(pool(states, attention_mask, self.pooling)))      # (B, L)
+        logits = self.head(self.dropout(pool(states, attention_mask, self.pooling)))    # (B, L)
+        if self.ngram_buckets:
+            logits = logits + self.ngram_logits(input_ids, attention_mask)
+        return logits
 
 
 class SpanExtractor(nn.Module):
@@ -107,7 +148,7 @@ class SpanExtractor(nn.Module):
     2017) and adds a learned embedding of that mark (``match_emb``, 2 x C, starting at zero) to the
     backbone's inputs: the word-overlap signal that a sliding-window baseline lives on, given to the
     model instead of left for its attention to discover from few examples. Tokens match when their
-    ``match_ids`` agree: by default their ids; :func:`lmforge.data.qa.match_ids` maps case and a
+    ``match_ids`` agree: by default their ids; :func:`lmforge.data.folding.folded_ids` maps case and a
     leading space away.
     """
 

@@ -116,6 +116,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     the task models in :mod:`lmforge.recipes.tasks`."""
     config.validate()
     task = resolve_task(config)
+    if config.ngram_buckets and task != "classification":
+        raise ConfigError(f"ngram_buckets adds an n-gram bag to a classifier; this is a {task} run")
     if config.question_match and task != "qa":
         raise ConfigError(f"question_match marks question words in QA contexts; this is a {task} run")
     if config.train.rdrop and task not in ("seq2seq", "classification"):

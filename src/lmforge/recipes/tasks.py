@@ -24,7 +24,8 @@ from torch import nn
 
 from lmforge.config import FinetuneConfig, to_dict
 from lmforge.data.bpe_dropout import SampledSegmentations, sampled_segmentations
-from lmforge.data.qa import match_ids, separator_id
+from lmforge.data.folding import folded_ids
+from lmforge.data.qa import separator_id
 from lmforge.data.supervised import ShuffledBatches, split_records
 from lmforge.data.tasks import (
     collate_classification,
@@ -122,11 +123,16 @@ def classification_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: T
     pooling = config.pooling
     if pooling == "auto":
         pooling = "first" if backbone.config.family == "encoder" else "last"
-    model = SequenceClassifier(backbone, len(labels), pooling=pooling)
+    model = SequenceClassifier(backbone, len(labels), pooling=pooling, ngram_buckets=config.ngram_buckets,
+                               ngram_ids=folded_ids(tokenizer, backbone.config.vocab_size) if config.ngram_buckets
+                               else None)
+    if config.ngram_buckets:
+        model.ngram_table.weight.lr_scale = config.ngram_lr / config.train.lr  # read by the optimiser's groups
     pad = pad_id_of(tokenizer)
     collate = partial(collate_classification, pad_id=pad)
     task_info = {"kind": "classification", "labels": labels, "multi_label": multi, "pooling": pooling,
-                 "thresholds": [0.5] * len(labels) if multi else None}
+                 "thresholds": [0.5] * len(labels) if multi else None,
+                 **({"ngram_buckets": config.ngram_buckets} if config.ngram_buckets else {})}
     batch_size = 2 * config.train.batch_size
     evaluator = ClassificationEvaluator(val_rows, collate, batch_size, multi, config.train.eval_windows,
                                         config.train.final_eval_windows)
@@ -289,7 +295,7 @@ def qa_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: Tokenizer) ->
     task_info = {"kind": "qa", "stride": stride, "max_answer_tokens": 30}
     if config.question_match:
         task_info["separator_id"] = separator_id(tokenizer)
-        model = SpanExtractor(backbone, task_info["separator_id"], match_ids(tokenizer, backbone.config.vocab_size))
+        model = SpanExtractor(backbone, task_info["separator_id"], folded_ids(tokenizer, backbone.config.vocab_size))
     else:
         model = SpanExtractor(backbone)
     pad = pad_id_of(tokenizer)

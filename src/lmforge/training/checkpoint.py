@@ -146,7 +146,8 @@ def with_task_head(backbone: nn.Module, task: Any, path: Path | str = "") -> nn.
         labels = task.get("labels")
         if not isinstance(labels, list) or not labels:
             raise CheckpointError(f"{path}: the classification task record has no labels")
-        return SequenceClassifier(backbone, len(labels), pooling=task.get("pooling", "first"))
+        return SequenceClassifier(backbone, len(labels), pooling=task.get("pooling", "first"),
+                                  ngram_buckets=int(task.get("ngram_buckets") or 0))
     if kind == "qa":
         from lmforge.models.heads import SpanExtractor
 

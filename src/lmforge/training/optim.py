@@ -45,20 +45,23 @@ def parameter_groups(model: nn.Module, weight_decay: float, layer_lr_decay: floa
 
     With ``layer_lr_decay`` d < 1 (ELECTRA's and BEiT's layer-wise decay, for fine-tuning) each group
     also carries ``lr_scale`` = d ** (D - depth) (:func:`layer_depths`, D the greatest depth): the
-    heads keep the full rate, the top block d times it and the embeddings d ** (L + 1). Only parameters that require
-    gradients are included (frozen ones, e.g. under LoRA, are left out).
+    heads keep the full rate, the top block d times it and the embeddings d ** (L + 1). A parameter may
+    carry its own ``lr_scale`` attribute too (e.g. a classifier's n-gram table, which learns from zero
+    at a far larger rate than a pretrained backbone); it multiplies the layer's. Only parameters that
+    require gradients are included (frozen ones, e.g. under LoRA, are left out).
     """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if layer_lr_decay == 1.0:
-        return [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
-    depths = layer_depths(model)
-    top = max(depths.values())
-    groups: dict[tuple[bool, int], dict] = {}
+    depths = layer_depths(model) if layer_lr_decay != 1.0 else None
+    top = max(depths.values()) if depths else 0
+    groups: dict[tuple[bool, float], dict] = {}
+    if depths is None:  # the plain pair first, as always (optimiser states saved before any lr_scale resume)
+        groups = {(True, 1.0): {"params": [], "weight_decay": weight_decay},
+                  (False, 1.0): {"params": [], "weight_decay": 0.0}}
     for name, p in named:
-        decays, depth = p.dim() >= 2, depths[name]
-        group = groups.setdefault((decays, depth), {"params": [], "weight_decay": weight_decay if decays else 0.0,
-                                                    "lr_scale": layer_lr_decay ** (top - depth)})
+        decays = p.dim() >= 2
+        scale = getattr(p, "lr_scale", 1.0) * (layer_lr_decay ** (top - depths[name]) if depths else 1.0)
+        group = groups.setdefault((decays, scale), {"params": [], "weight_decay": weight_decay if decays else 0.0,
+                                                    **({"lr_scale": scale} if scale != 1.0 else {})})
         group["params"].append(p)
     return list(groups.values())
 

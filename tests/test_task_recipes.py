@@ -346,6 +346,7 @@ def test_classifier_with_an_ngram_bag(tmp_path, classification_files):
     ({"question_match": True}, "question_match marks question words in QA contexts; this is a classification run"),
     ({"ngram_buckets": 64, "task": "qa"}, "ngram_buckets adds an n-gram bag to a classifier; this is a qa run"),
     ({"ngram_buckets": -1}, "ngram_buckets must be >= 0, not -1"),
+    ({"ngram_buckets": 10**12}, "ngram_buckets must be at most 16,777,216"),
     ({"ngram_lr": 0.0}, "ngram_lr must be > 0, not 0.0"),
 ])
 def test_task_specific_options_are_refused_elsewhere(tmp_path, classification_files, option, message):

@@ -39,6 +39,7 @@ def _check_positive(name: str, value: Any, allow_none: bool = False, allow_zero:
 
 
 MODEL_FAMILIES = ("decoder", "encoder", "seq2seq", "lstm")
+MAX_NGRAM_BUCKETS = 2**24  # a classifier n-gram bag of 16.8M rows x labels is already ~67 MB per label
 
 
 @dataclass
@@ -391,6 +392,9 @@ class FinetuneConfig:
         _check_choice("purpose", self.purpose, ("auto", "translation", "summarization", "generic"))
         _check_choice("pooling", self.pooling, ("auto", "first", "last", "mean"))
         _check_positive("ngram_buckets", self.ngram_buckets, allow_zero=True)
+        if self.ngram_buckets > MAX_NGRAM_BUCKETS:
+            raise ConfigError(f"ngram_buckets must be at most {MAX_NGRAM_BUCKETS:,} (a table row per bucket and "
+                              f"label), not {self.ngram_buckets:,}")
         _check_positive("ngram_lr", self.ngram_lr)
         if not self.checkpoint and not self.tokenizer:
             raise ConfigError("no base checkpoint: give CHECKPOINT (or, to train a task model from scratch, "

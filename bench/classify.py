@@ -18,7 +18,9 @@ Data (../shared/data): AG News (``train.csv`` 3,600 -> ``test.csv`` 2,000, 4 top
   (seeds 1..N) tested one by one, as an ensemble (mean of their label probabilities) and as a soup
   (the mean of their weights, ``lmforge.training.averaging.average_checkpoints``). With ``--folds``
   member k holds out the k-th tenth of the training rows instead of the same tenth for all, so the
-  ensemble as a whole learns from every training row (cross-validation bagging).
+  ensemble as a whole learns from every training row (cross-validation bagging). With ``--no-holdout``
+  every fine-tuning learns from every row and its final checkpoint is tested (the validation tenth, then
+  seen in training, only shows progress).
 
     python bench/classify.py --encoder /tmp/lmforge-tasks/pretrain/mlm [--datasets ag_news,sst2]
                              [--max-time 300] [--adapt 0] [--seeds 1] [--folds] [--work DIR] [--quick] [--json FILE]
@@ -76,6 +78,8 @@ def lmforge_classifier(encoder: str, train: list[dict], test: list[dict], work: 
                        seed: int = 1) -> tuple[dict, Path]:
     """Fine-tune the encoder once (seed ``seed``); its test row and its best checkpoint."""
     fit, val = split_off(train, fold=seed - 1 if args.folds else 0)
+    if args.no_holdout:  # train on every row; the validation rows only show progress, the final model is tested
+        fit = train
     options = {"checkpoint": encoder, "task": "classification", "out": str(work / "run"), "pooling": args.pooling,
                "dropout": args.dropout, "ngram_buckets": args.ngram_buckets, "ngram_lr": args.ngram_lr,
                "data": {"path": str(write_jsonl(work / "train.jsonl", fit)),
@@ -88,11 +92,12 @@ def lmforge_classifier(encoder: str, train: list[dict], test: list[dict], work: 
                                       best_metric=args.best_metric, dtype=args.dtype, eval_windows=None,
                                       **({"max_steps": args.max_steps} if args.max_steps else {}))}
     result, seconds = run_finetune(options)
+    tested = result.final_checkpoint if args.no_holdout else result.best_checkpoint
     row = {"model": "lmforge MLM encoder" + (" + n-grams" if args.ngram_buckets else "")
                     + (f" (seed {seed})" if args.seeds > 1 else ""),
-           **test_scores(LanguageModel.load(result.best_checkpoint, device="cpu"), test, work),
+           **test_scores(LanguageModel.load(tested, device="cpu"), test, work),
            "train_s": seconds, "steps": result.step}
-    return row, Path(result.best_checkpoint)
+    return row, Path(tested)
 
 
 def test_scores(lm: LanguageModel, test: list[dict], work: Path) -> dict:
@@ -179,6 +184,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1,
                         help="fine-tune N times (seeds 1..N, --max-time each); also test their ensemble (mean "
                              "probabilities) and their soup (mean weights)")
+    parser.add_argument("--no-holdout", action="store_true",
+                        help="train on every training row and test the final checkpoint (no checkpoint choice)")
     parser.add_argument("--folds", action="store_true",
                         help="with --seeds: member k holds out the k-th tenth of the training rows (not all the "
                              "same tenth), so the ensemble learns from every row")

@@ -18,7 +18,8 @@ checkpoint by target loss) and ``val.{en,de}`` (1,014 pairs, the test set here).
   checkpoint is decoded with beams 4 and 8 and length penalties 0.6, 1.0 and 1.5, and the row with the
   best BLEU on the held-out training pairs (never the validation set) is the result.
   ``--checkpoints DIR ...`` evaluates existing checkpoints instead (with
-  ``--ensemble``, also all of them as one ensemble).
+  ``--ensemble``, also all of them as one ensemble). ``--mbr bleu`` (or ``chrf``) also decodes every
+  checkpoint with minimum Bayes risk over the ``--mbr-beam`` (8) hypotheses of its beam.
 - ``--members N``: N models trained at the same time from different seeds, each in its own process
   with ``--threads`` CPU threads (default: the cores shared out; on a small CPU one thread per model
   loses less speed than the models gain), each averaged as above, then decoded one by one and as an
@@ -27,7 +28,7 @@ Corpus BLEU (sacreBLEU 13a through ``lmforge.evaluation.metrics.bleu``) and chrF
 
     python bench/translate.py [--max-time 3600] [--vocab-size 8192] [--beam 4] [--dtype bf16]
                               [--label-smoothing 0.1] [--rdrop 0] [--bpe-dropout 0] [--no-group-by-length] [--average 5]
-                              [--save-interval 500] [--tune-decoding] [--members 1] [--threads T]
+                              [--save-interval 500] [--tune-decoding] [--mbr bleu|chrf] [--members 1] [--threads T]
                               [--checkpoints DIR ... [--ensemble]]
                               [--work DIR] [--quick] [--json FILE]
 """
@@ -146,6 +147,10 @@ def main() -> None:
                         help="models trained at once (different seeds), decoded alone and as an ensemble")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per model (default: the cores shared out among --members)")
+    parser.add_argument("--mbr", action="append", default=[], choices=("bleu", "chrf"),
+                        help="also decode every checkpoint with minimum Bayes risk over the beam's hypotheses, "
+                             "with this utility (repeatable)")
+    parser.add_argument("--mbr-beam", type=int, default=8, help="the beam (candidates) of --mbr decoding")
     parser.add_argument("--ensemble", action="store_true", help="with --checkpoints: also decode them as one ensemble")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -206,18 +211,21 @@ def main() -> None:
     held_out = split_records(list(zip(train_en, train_de)), 0.02)[1]  # what the fine-tuning held out
     if args.quick:
         held_out = held_out[:50]
-    grid = [(beam, penalty) for beam in (4, 8) for penalty in (0.6, 1.0, 1.5)] if args.tune_decoding else \
-        [(args.beam, 1.0)]
+    grid = [(beam, penalty, None) for beam in (4, 8) for penalty in (0.6, 1.0, 1.5)] if args.tune_decoding else \
+        [(args.beam, 1.0, None)]
+    grid += [(args.mbr_beam, 1.0, utility) for utility in args.mbr]
     chosen, chosen_bleu = None, -1.0
     for name, checkpoint in checkpoints.items():
         lm = LanguageModel.load_ensemble(checkpoint, device="cpu") if isinstance(checkpoint, list) else \
             LanguageModel.load(checkpoint, device="cpu")
-        for beam, penalty in grid:  # decoding options are judged on held-out training pairs, never on val
-            options = {"beam_size": beam, "length_penalty": penalty, "max_new_tokens": 64}
+        for beam, penalty, utility in grid:  # decoding options are judged on held-out training pairs, never on val
+            options = {"beam_size": beam, "length_penalty": penalty, "max_new_tokens": 64,
+                       **({"mbr": utility} if utility else {})}
             held_bleu = bleu(decode_all(lm.translate, [s for s, _ in held_out], **options), [t for _, t in held_out])
             start = time.perf_counter()
             outputs = decode_all(lm.translate, val_en, **options)
-            rows.append({"model": f"lmforge seq2seq, {name}, beam {beam}, length penalty {penalty}",
+            rows.append({"model": f"lmforge seq2seq, {name}, beam {beam}, length penalty {penalty}"
+                                  + (f", MBR ({utility})" if utility else ""),
                          "held_out_BLEU": held_bleu, "BLEU": bleu(outputs, val_de), "chrF": chrf(outputs, val_de),
                          "train_s": seconds, "decode_s": time.perf_counter() - start, "steps": steps})
             if held_bleu > chosen_bleu:

@@ -195,6 +195,8 @@ def test_real_model_respects_blocking_and_limits():
     assert all(len(ids) <= 16 for ids, _ in beams(model, SOURCES, max_new_tokens=50, early_stopping=False))
     with pytest.raises(ValueError, match="beam_size"):
         beams(model, SOURCES, beam_size=0)
+    with pytest.raises(ValueError, match=r"num_return_sequences must be between 1 and beam_size \(3\), not 4"):
+        beams(model, SOURCES, beam_size=3, num_return_sequences=4)
 
 
 # ------------------------------------------------------------------------------------------
@@ -228,6 +230,8 @@ class HFBartDecoding:
     dict(num_beams=4, length_penalty=0.0, early_stopping=False),
     dict(num_beams=3, length_penalty=2.0, early_stopping=False, no_repeat_ngram_size=2),
     dict(num_beams=2, length_penalty=-0.5, early_stopping=True, no_repeat_ngram_size=1),
+    dict(num_beams=4, length_penalty=1.0, early_stopping=False, num_return_sequences=4),  # n-best lists
+    dict(num_beams=3, length_penalty=0.6, early_stopping=True, num_return_sequences=2),
 ])
 def test_same_hypotheses_and_scores_as_hugging_face(options):
     transformers = pytest.importorskip("transformers")
@@ -252,7 +256,9 @@ def test_same_hypotheses_and_scores_as_hugging_face(options):
             ours = search(HFBartDecoding(model, ids, mask), len(sources), beam_size=options["num_beams"],
                           max_new_tokens=8, eos_id=END, length_penalty=options["length_penalty"],
                           early_stopping=options["early_stopping"],
-                          no_repeat_ngram_size=options.get("no_repeat_ngram_size", 0), context=[BOS])
+                          no_repeat_ngram_size=options.get("no_repeat_ngram_size", 0), context=[BOS],
+                          num_return_sequences=options.get("num_return_sequences", 1))
+        assert len(ours) == len(theirs.sequences) == len(sources) * options.get("num_return_sequences", 1)
         for i, (our_ids, our_score) in enumerate(ours):
             their_ids = theirs.sequences[i, 1:].tolist()
             their_ids = their_ids[:their_ids.index(END)] if END in their_ids else their_ids

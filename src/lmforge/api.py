@@ -56,7 +56,7 @@ CAPABILITIES = {  # kind of checkpoint -> what it can do
     "masked_lm": ("fill_mask",),
 }
 TASK_DEFAULTS = {"temperature": 0.0, "max_new_tokens": 64}  # the generative tasks decode greedily by default
-SEQ2SEQ_OPTIONS = ("beam_size", "length_penalty", "early_stopping", "no_repeat_ngram_size")
+SEQ2SEQ_OPTIONS = ("beam_size", "length_penalty", "early_stopping", "no_repeat_ngram_size", "mbr")
 
 
 @dataclass
@@ -400,7 +400,9 @@ class LanguageModel:
         """The translation of a text (or a list). An encoder-decoder translates what it was trained
         on (``source``/``target`` are ignored); a language model is prompted with
         :data:`TRANSLATE_TEMPLATE`. Options: ``max_new_tokens``, sampling options, and for
-        encoder-decoders ``beam_size``, ``length_penalty``, ``early_stopping``, ``no_repeat_ngram_size``."""
+        encoder-decoders ``beam_size``, ``length_penalty``, ``early_stopping``, ``no_repeat_ngram_size`` and
+        ``mbr`` (``"bleu"`` or ``"chrf"``: of the beam's hypotheses, the one that agrees most with the
+        others; minimum Bayes risk decoding, :mod:`lmforge.inference.mbr`)."""
         self._require("translate")
         if self.kind == "seq2seq":
             return self._seq2seq(text, **options)

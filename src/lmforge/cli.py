@@ -188,6 +188,7 @@ EVAL_OPTIONS = {  # flag -> (option name, type); which task takes which: lmforge
     "--reference-field": ("reference_field", str), "--text-field": ("text_field", str),
     "--label-field": ("label_field", str), "--template": ("template", str), "--stride": ("stride", int),
     "--batch-size": ("batch_size", int), "--num-samples": ("num_samples", int), "--beam-size": ("beam_size", int),
+    "--mbr": ("mbr", str),
 }
 
 
@@ -301,12 +302,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if lm.kind == "seq2seq":  # an encoder-decoder maps each text to its output
         if args.stream:
             raise ConfigError("an encoder-decoder writes its output whole: drop --stream")
-        outputs = lm.generate(prompts, beam_size=args.beam_size, **options)
+        outputs = lm.generate(prompts, beam_size=args.beam_size, **({"mbr": args.mbr} if args.mbr else {}),
+                              **options)
         for prompt, output in zip(prompts, outputs):
             print(json.dumps({"source": prompt, "text": output}, ensure_ascii=False) if args.json else output)
         return
-    if args.beam_size != 1:
-        raise ConfigError("--beam-size is for encoder-decoder checkpoints")
+    if args.beam_size != 1 or args.mbr:
+        raise ConfigError(f"{'--beam-size' if args.beam_size != 1 else '--mbr'} is for encoder-decoder checkpoints")
     if args.stream:
         sys.stdout.write(prompts[0])
         sys.stdout.flush()
@@ -602,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per sample")
     p.add_argument("--beam-size", type=int, default=1, metavar="N",
                    help="encoder-decoder checkpoints: beam search with N beams (1: greedy or sampling)")
+    p.add_argument("--mbr", choices=("bleu", "chrf"), default=None,
+                   help="encoder-decoder checkpoints: of the beam's N hypotheses, the one that agrees most with the "
+                        "others by this utility (minimum Bayes risk decoding)")
     _add_ensemble_option(p)
     _add_device_options(p)
     p.set_defaults(func=cmd_generate)

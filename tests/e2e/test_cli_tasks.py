@@ -163,6 +163,14 @@ def test_seq2seq_with_rdrop_then_an_ensemble_of_two_runs(tmp_path):
                      "--out", tmp_path / "report.json", threads=1)
     assert report.returncode == 0, report.stderr
     assert "bleu" in json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))["reports"][0]["metrics"]
+    chosen = lmforge("generate", tmp_path / "a", "--prompt", "red cat sun", "--beam-size", 4, "--mbr", "chrf",
+                     "--max-new-tokens", 12, threads=1)  # minimum Bayes risk over the beam's 4 hypotheses
+    assert chosen.returncode == 0 and chosen.stdout.strip(), chosen.stderr
+    report = lmforge("eval", tmp_path / "a", "--task", "generation", "--data", data, "--limit", 8, "--quiet",
+                     "--beam-size", 4, "--mbr", "bleu", "--out", tmp_path / "mbr.json", threads=1)
+    assert report.returncode == 0, report.stderr
+    assert_clean_error(lmforge("generate", tmp_path / "a", "--prompt", "x", "--mbr", "bleu"),
+                       "mbr chooses among the hypotheses of a beam; it needs beam_size >= 2, not 1")
     assert_clean_error(lmforge("generate", tmp_path / "a", "--ensemble", tmp_path / "tok", "--prompt", "x"),
                        "not an lmforge checkpoint")
     assert_clean_error(lmforge("finetune", *common, "--train.rdrop", -1, "--out", tmp_path / "c"),

@@ -199,15 +199,18 @@ def generation_metrics(model: torch.nn.Module, tokenizer: Tokenizer, examples: S
 
 def run_generation(lm: LanguageModel, data: DataPaths, *, limit: int | None = None, progress: bool = True,
                    format: str = "auto", prompt_template: str | None = None, reference_field: str | None = None,
-                   batch_size: int = 16, beam_size: int = 1, **sampling: Any) -> dict[str, Any]:
+                   batch_size: int = 16, beam_size: int = 1, mbr: str | None = None,
+                   **sampling: Any) -> dict[str, Any]:
     """Generate for fine-tuning records and compare with their references (see
     :func:`generation_metrics`); ``sampling`` holds :class:`SamplingConfig` fields (default greedy,
     ``max_new_tokens`` 128). An encoder-decoder reads source/target records or two parallel text
-    files (sources, then targets) and may decode with ``beam_size`` > 1."""
+    files (sources, then targets) and may decode with ``beam_size`` > 1, and choose among the beam's
+    hypotheses by minimum Bayes risk with ``mbr`` (``"bleu"`` or ``"chrf"``)."""
     if getattr(lm, "kind", "causal_lm") == "seq2seq":
-        return _run_seq2seq(lm, data, limit, progress, batch_size, beam_size, sampling)
-    if beam_size != 1:
-        raise ConfigError("beam_size is for encoder-decoder checkpoints")
+        return _run_seq2seq(lm, data, limit, progress, batch_size, beam_size,
+                            {**sampling, **({"mbr": mbr} if mbr else {})})
+    if beam_size != 1 or mbr:
+        raise ConfigError(f"{'beam_size' if beam_size != 1 else 'mbr'} is for encoder-decoder checkpoints")
     records = _limited(_records(data, "generation"), limit)
     config = make_sampling(None, **{"temperature": 0.0, **sampling})  # checked before the slow part
     examples = generation_examples(records, lm.tokenizer, format, prompt_template, reference_field)
@@ -573,6 +576,7 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {  # sampling options are checked b
     "batch_size": (int,), "num_samples": (int,), "stride": (int,), "normalize": (bool,), "template": (str,),
     "format": (str,), "prompt_template": (str,), "reference_field": (str,), "labels": (list, tuple),
     "label_names": (dict,), "label_field": (str, int), "text_field": (str, int, list, tuple), "beam_size": (int,),
+    "mbr": (str,),
 }
 
 

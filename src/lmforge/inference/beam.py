@@ -73,17 +73,22 @@ def repeated_ngram_tokens(ids: list[int], n: int) -> list[int]:
 
 def search(decoding: BeamDecoding, num_sources: int, *, beam_size: int, max_new_tokens: int, eos_id: int,
            length_penalty: float = 1.0, early_stopping: bool = True, no_repeat_ngram_size: int = 0,
-           context: list[int] | None = None) -> list[tuple[list[int], float]]:
+           context: list[int] | None = None, num_return_sequences: int = 1) -> list[tuple[list[int], float]]:
     """Beam search over ``decoding``, which starts with one row per source; returns the best
     hypothesis of every source: (token ids without eos, score). See the module for the semantics.
 
     ``context``: tokens before the first new one that n-gram blocking counts too (the decoder's
-    start token of an encoder-decoder).
+    start token of an encoder-decoder). ``num_return_sequences`` n <= ``beam_size``: the n best
+    hypotheses of every source instead, best first, source after source (n * sources items, as Hugging
+    Face's ``generate``).
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, not {beam_size}")
+    if not 1 <= num_return_sequences <= beam_size:
+        raise ValueError(f"num_return_sequences must be between 1 and beam_size ({beam_size}), "
+                         f"not {num_return_sequences}")
     if max_new_tokens < 1:
-        return [([], 0.0) for _ in range(num_sources)]
+        return [([], 0.0) for _ in range(num_sources * num_return_sequences)]
     K = beam_size
     finished = [Hypotheses(K, length_penalty) for _ in range(num_sources)]
     live = list(range(num_sources))  # sources still searching; live[i]'s beams are rows [i*K, (i+1)*K)
@@ -134,15 +139,16 @@ def search(decoding: BeamDecoding, num_sources: int, *, beam_size: int, max_new_
         for k in range(K):
             ids = beams[i * K + k]
             finished[source].add(ids, scores[i, k].item(), len(ids))
-    return [(ids, score) for score, ids in (hypotheses.items[0] for hypotheses in finished)]
+    return [(ids, score) for hypotheses in finished for score, ids in hypotheses.items[:num_return_sequences]]
 
 
 @torch.inference_mode()
 def beam_search(model: nn.Module, sources: list[list[int]], *, beam_size: int, max_new_tokens: int,
                 length_penalty: float = 1.0, early_stopping: bool = True, no_repeat_ngram_size: int = 0,
-                bos_id: int, eos_id: int, pad_id: int) -> list[tuple[list[int], float]]:
+                bos_id: int, eos_id: int, pad_id: int, num_return_sequences: int = 1) -> list[tuple[list[int], float]]:
     """The best target of every source of an encoder-decoder (:class:`~lmforge.models.seq2seq.Seq2SeqLM`)
-    by beam search: a list of (ids without bos and eos, score), one per source.
+    by beam search: a list of (ids without bos and eos, score), one per source (``num_return_sequences``
+    per source, best first, with that option).
 
     Targets start from ``bos_id``; sources are right-padded with ``pad_id``; at most
     ``max_new_tokens`` tokens (and the model's ``block_size``) are generated. Scores and stopping are
@@ -150,8 +156,9 @@ def beam_search(model: nn.Module, sources: list[list[int]], *, beam_size: int, m
     """
     max_new_tokens = min(max_new_tokens, model.config.block_size)
     if max_new_tokens < 1:
-        return [([], 0.0) for _ in sources]
+        return [([], 0.0) for _ in range(len(sources) * num_return_sequences)]
     decoding = Seq2SeqDecoding(model, sources, bos_id, pad_id, max_new_tokens)
     return search(decoding, len(sources), beam_size=beam_size, max_new_tokens=max_new_tokens, eos_id=eos_id,
                   length_penalty=length_penalty, early_stopping=early_stopping,
-                  no_repeat_ngram_size=no_repeat_ngram_size, context=[bos_id])
+                  no_repeat_ngram_size=no_repeat_ngram_size, context=[bos_id],
+                  num_return_sequences=num_return_sequences)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lmforge.config import SamplingConfig
 from lmforge.data.qa import best_span, qa_windows
 from lmforge.data.tasks import QAExample, encode_source, encode_text, pad_id_of, pad_rows
+from lmforge.errors import ConfigError
 from lmforge.models import eval_mode
 from lmforge.tokenizer import Tokenizer
 
@@ -99,16 +100,22 @@ def answer_questions(model: nn.Module, tokenizer: Tokenizer, questions: Sequence
 def translate_ids(model: nn.Module, tokenizer: Tokenizer, sources: Sequence[Sequence[int]], *,
                   max_new_tokens: int = 64, beam_size: int = 1, length_penalty: float = 1.0,
                   early_stopping: bool = True, no_repeat_ngram_size: int = 0,
-                  sampling: SamplingConfig | None = None, batch_size: int = 32) -> list[list[int]]:
+                  sampling: SamplingConfig | None = None, batch_size: int = 32,
+                  num_return_sequences: int = 1) -> list[list[int]]:
     """Target ids for encoded sources: beam search with ``beam_size`` > 1, else greedy (or
-    ``sampling``). Sources are sorted by length so that batches carry little padding."""
+    ``sampling``); with ``num_return_sequences`` n (beam search only) the n best of every source, best
+    first, source after source. Sources are sorted by length so that batches carry little padding."""
     from lmforge.inference.beam import beam_search  # the seq2seq family's own generation
     from lmforge.inference.seq2seq import generate_seq2seq
 
     if sampling is None:
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    results: dict[int, list[int]] = {}
+    if num_return_sequences > 1 and beam_size < num_return_sequences:
+        raise ConfigError(f"{num_return_sequences} outputs per source need beam_size >= {num_return_sequences}, "
+                          f"not {beam_size}")
+    n = num_return_sequences
+    results: dict[int, list[list[int]]] = {}
     pad = pad_id_of(tokenizer)
     with eval_mode(model), torch.inference_mode():
         for start in range(0, len(order), batch_size):
@@ -118,15 +125,28 @@ def translate_ids(model: nn.Module, tokenizer: Tokenizer, sources: Sequence[Sequ
                 outputs: list[Any] = beam_search(model, batch, beam_size=beam_size, max_new_tokens=max_new_tokens,
                                                  length_penalty=length_penalty, early_stopping=early_stopping,
                                                  no_repeat_ngram_size=no_repeat_ngram_size, bos_id=tokenizer.bos_id,
-                                                 eos_id=tokenizer.eos_id, pad_id=pad)
+                                                 eos_id=tokenizer.eos_id, pad_id=pad, num_return_sequences=n)
                 outputs = [ids for ids, _ in outputs]
             else:
                 outputs = generate_seq2seq(model, batch, sampling, tokenizer.bos_id, tokenizer.eos_id, pad)
-            results.update(zip(chosen, outputs))
-    return [results[i] for i in range(len(sources))]
+            results.update((i, outputs[k * n:(k + 1) * n]) for k, i in enumerate(chosen))
+    return [ids for i in range(len(sources)) for ids in results[i]]
 
 
-def translate_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], **options: Any) -> list[str]:
-    """Target texts for source texts (see :func:`translate_ids` for the options)."""
+def translate_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], *, mbr: str | None = None,
+                    **options: Any) -> list[str]:
+    """Target texts for source texts (see :func:`translate_ids` for the options). With ``mbr`` (a
+    utility: ``"bleu"`` or ``"chrf"``) every hypothesis of the beam is a candidate and the one that agrees
+    most with the others is returned (:func:`lmforge.inference.mbr.mbr_choose`)."""
+    from lmforge.inference.mbr import check_utility, mbr_choose
+
     sources = [encode_source(tokenizer, text, model.config.block_size) for text in texts]
-    return [tokenizer.decode(ids).strip() for ids in translate_ids(model, tokenizer, sources, **options)]
+    if mbr is None:
+        return [tokenizer.decode(ids).strip() for ids in translate_ids(model, tokenizer, sources, **options)]
+    check_utility(mbr)
+    n = options.get("beam_size", 1)
+    if n < 2:
+        raise ConfigError(f"mbr chooses among the hypotheses of a beam; it needs beam_size >= 2, not {n}")
+    outputs = [tokenizer.decode(ids).strip()
+               for ids in translate_ids(model, tokenizer, sources, num_return_sequences=n, **options)]
+    return [outputs[k + mbr_choose(outputs[k:k + n], mbr)] for k in range(0, len(outputs), n)]

@@ -20,6 +20,8 @@ checkpoint by target loss) and ``val.{en,de}`` (1,014 pairs, the test set here).
   ``--checkpoints DIR ...`` evaluates existing checkpoints instead (with
   ``--ensemble``, also all of them as one ensemble). ``--mbr bleu`` (or ``chrf``) also decodes every
   checkpoint with minimum Bayes risk over the ``--mbr-beam`` (8) hypotheses of its beam.
+- ``--bidirectional F``: bidirectional training (Ding et al. 2021): the first F of ``--max-time`` on the
+  pairs in both directions (en->de and de->en, constant rate), the rest on en->de from that model.
 - ``--members N``: N models trained at the same time from different seeds, each in its own process
   with ``--threads`` CPU threads (default: the cores shared out; on a small CPU one thread per model
   loses less speed than the models gain), each averaged as above, then decoded one by one and as an
@@ -29,6 +31,7 @@ Corpus BLEU (sacreBLEU 13a through ``lmforge.evaluation.metrics.bleu``) and chrF
     python bench/translate.py [--max-time 3600] [--vocab-size 8192] [--beam 4] [--dtype bf16]
                               [--label-smoothing 0.1] [--rdrop 0] [--bpe-dropout 0] [--no-group-by-length] [--average 5]
                               [--save-interval 500] [--tune-decoding] [--mbr bleu|chrf] [--members 1] [--threads T]
+                              [--bidirectional F]
                               [--checkpoints DIR ... [--ensemble]]
                               [--work DIR] [--quick] [--json FILE]
 """
@@ -111,6 +114,34 @@ def train_members(options: dict, members: int, threads: int | None) -> list[tupl
         return [future.result() for future in futures]
 
 
+def bidirectional_phase(options: dict, fraction: float, train_en: list[str], train_de: list[str], work: Path,
+                        threads: int | None) -> tuple[dict, float]:
+    """Bidirectional training (Ding et al. 2021, "Improving NMT by bidirectional training"): the first
+    ``fraction`` of the time budget trains on every training pair in both directions (one shared
+    vocabulary and embedding; the source's language tells the direction) at a constant rate after
+    warm-up; returns the en->de options that continue from that model for the rest of the budget
+    (a short warm-up for the fresh optimiser, then the cosine decay), and the phase's seconds. The
+    pairs the en->de run holds out are left out of both directions."""
+    train_pairs = split_records(list(zip(train_en, train_de)), options["data"]["val_fraction"])[0]
+    sources = [en for en, _ in train_pairs] + [de for _, de in train_pairs]
+    targets = [de for _, de in train_pairs] + [en for en, _ in train_pairs]
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "bidirectional.src").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    (work / "bidirectional.tgt").write_text("\n".join(targets) + "\n", encoding="utf-8")
+    train = options["train"]
+    phase = {**options, "out": f"{options['out']}-bidirectional",
+             "data": {**options["data"], "path": str(work / "bidirectional.src"),
+                      "target_path": str(work / "bidirectional.tgt")},
+             "train": {**train, "schedule": "constant", "keep_checkpoints": 1,
+                       "max_time": train["max_time"] and train["max_time"] * fraction}}
+    result, seconds = train_member(phase, threads)
+    rest = {key: value for key, value in options.items() if key not in ("tokenizer", "model")}
+    rest["checkpoint"] = str(result.final_checkpoint)
+    rest["train"] = {**train, "warmup_steps": min(train["warmup_steps"], 50),
+                     "max_time": train["max_time"] and train["max_time"] * (1 - fraction)}
+    return rest, seconds
+
+
 def _step(checkpoint: Path) -> int:
     import json
 
@@ -152,10 +183,17 @@ def main() -> None:
                              "with this utility (repeatable)")
     parser.add_argument("--mbr-beam", type=int, default=8, help="the beam (candidates) of --mbr decoding")
     parser.add_argument("--ensemble", action="store_true", help="with --checkpoints: also decode them as one ensemble")
+    parser.add_argument("--bidirectional", type=float, default=0.0, metavar="FRACTION",
+                        help="train on the pairs in both directions (en->de and de->en) for this fraction of "
+                             "--max-time, then on en->de only from that checkpoint (Ding et al. 2021); 0: off")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.members < 1:
         parser.error("--members must be at least 1")
+    if not 0.0 <= args.bidirectional < 1.0:
+        parser.error("--bidirectional must be a fraction in [0, 1)")
+    if args.bidirectional and args.members > 1:
+        parser.error("--bidirectional trains one model: leave out --members")
     if args.threads is None and args.members > 1:
         args.threads = max(1, (os.cpu_count() or 1) // args.members)
     need(MT)
@@ -191,8 +229,12 @@ def main() -> None:
             checkpoints[f"ensemble of the {len(args.checkpoints)} checkpoints"] = [Path(c) for c in args.checkpoints]
         seconds, steps = None, None
     else:
+        phase_seconds = 0.0
+        if args.bidirectional:
+            options, phase_seconds = bidirectional_phase(options, args.bidirectional, train_en, train_de, work,
+                                                         args.threads)
         trained = train_members(options, args.members, args.threads)
-        seconds = max(s for _, s in trained)
+        seconds = max(s for _, s in trained) + phase_seconds
         steps = "/".join(str(result.step) for result, _ in trained)
         checkpoints, averages = {}, []
         for k, (result, _) in enumerate(trained):

@@ -194,6 +194,8 @@ def main() -> None:
         parser.error("--bidirectional must be a fraction in [0, 1)")
     if args.bidirectional and args.members > 1:
         parser.error("--bidirectional trains one model: leave out --members")
+    if args.bidirectional and args.checkpoints:
+        parser.error("--bidirectional is a way of training: it does not apply to --checkpoints")
     if args.threads is None and args.members > 1:
         args.threads = max(1, (os.cpu_count() or 1) // args.members)
     need(MT)

@@ -6,7 +6,8 @@
 
 See :mod:`lmforge.evaluation.metrics` for the metrics and their scales, :mod:`.harness` for the
 tasks, :mod:`.suite` for YAML suites and :func:`main_eval` (``lmforge eval``), and
-:mod:`.generation` for batched generation from token ids on a bare model (for training loops).
+:mod:`.generation` for batched generation from token ids on a bare model (for training loops), and
+:mod:`.significance` for whether one model's score beats another's on the same test set.
 """
 
 from lmforge.evaluation.generation import Generation, generate_ids
@@ -37,12 +38,13 @@ from lmforge.evaluation.metrics import (
     token_f1,
     vocabulary_coverage,
 )
+from lmforge.evaluation.significance import PairedDifference, mcnemar, paired_bootstrap
 from lmforge.evaluation.suite import check_thresholds, load_suite, main_eval, run_suite
 
 __all__ = [
-    "CLASSIFICATION_TEMPLATE", "QA_TEMPLATE", "TASKS", "TASK_METRICS", "Generation", "accuracy", "bleu",
-    "check_thresholds", "chrf", "distinct_n", "evaluate", "exact_match", "format_table", "generate_ids",
-    "generation_examples", "generation_metrics", "label_scores", "load_suite", "macro_f1", "main_eval",
-    "normalize_answer", "rouge", "run_suite", "self_bleu", "squad_scores", "task_options", "token_f1",
-    "vocabulary_coverage", "write_report",
+    "CLASSIFICATION_TEMPLATE", "QA_TEMPLATE", "TASKS", "TASK_METRICS", "Generation", "PairedDifference",
+    "accuracy", "bleu", "check_thresholds", "chrf", "distinct_n", "evaluate", "exact_match", "format_table",
+    "generate_ids", "generation_examples", "generation_metrics", "label_scores", "load_suite", "macro_f1",
+    "main_eval", "mcnemar", "normalize_answer", "paired_bootstrap", "rouge", "run_suite", "self_bleu",
+    "squad_scores", "task_options", "token_f1", "vocabulary_coverage", "write_report",
 ]

@@ -108,7 +108,7 @@ def test_generation_from_ids_matches_lm_complete(lm):
     theirs = lm.complete(prompts, max_new_tokens=10, temperature=0)
     assert [g.text for g in ours] == [c.text for c in theirs]
     assert [g.token_ids for g in ours] == [c.token_ids for c in theirs]
-    assert all(g.finish_reason in ("eos", "length") for g in ours)
+    assert all(g.finish_reason in ("stop", "length") for g in ours)
     stopped = generate_ids(lm.model, lm.tokenizer, ids, max_new_tokens=10, temperature=0, stop=[" "])
     assert all(" " not in g.text for g in stopped)
 
@@ -145,7 +145,7 @@ def test_generation_eos_rate(lm):
     examples = [(lm.tokenizer.encode("The for"), " statement"), (lm.tokenizer.encode("def"), " f")]
     results, generations = generation_metrics(AlwaysEos(lm.model, eos), lm.tokenizer, examples, max_new_tokens=5)
     assert results["eos_rate"] == 1.0 and results["mean_new_tokens"] == 0
-    assert all(g.token_ids == [] and g.finish_reason == "eos" and g.text == "" for g in generations)
+    assert all(g.token_ids == [] and g.finish_reason == "stop" and g.eos and g.text == "" for g in generations)
     results, generations = generation_metrics(AlwaysEos(lm.model, eos, after=3), lm.tokenizer, examples,
                                               max_new_tokens=5)  # prefill + 2 steps, then eos
     assert results["eos_rate"] == 1.0 and [len(g.token_ids) for g in generations] == [3, 3]

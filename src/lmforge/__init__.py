@@ -7,10 +7,10 @@
 
 from typing import Any
 
-__version__ = "0.1.0"
 __all__ = ["LanguageModel", "LmforgeError", "__version__"]
 
 from lmforge.errors import LmforgeError
+from lmforge.version import __version__
 
 
 def __getattr__(name: str) -> Any:  # import torch only when the API is used

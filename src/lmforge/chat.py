@@ -11,8 +11,10 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from lmforge.api import LanguageModel, sampling_config
+from lmforge.api import LanguageModel
+from lmforge.config import SamplingConfig
 from lmforge.errors import RequestError
+from lmforge.inference.prompts import context_error
 
 HELP = "type a message; /reset starts over, /exit leaves"
 
@@ -24,8 +26,7 @@ def fit_history(lm: LanguageModel, messages: list[dict[str, str]], reserve: int)
     first = 1 if messages and messages[0]["role"] == "system" else 0
     length = len(lm.chat_prompt(messages[:first] + messages[-1:]))
     if length > lm.context_length:  # refuse before dropping any history
-        raise RequestError(f"the conversation is {length} tokens long but the model's context is "
-                           f"{lm.context_length} tokens")
+        raise context_error("conversation", length, lm.context_length, "messages")
     dropped = 0
     while len(lm.chat_prompt(messages)) + reserve > lm.context_length and len(messages) - first > 1:
         del messages[first]
@@ -41,7 +42,7 @@ def chat_loop(lm: LanguageModel, sampling: dict[str, Any], system: str | None = 
     """Run the conversation until ``/exit`` or end of input."""
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    reserve = min(sampling_config(sampling).max_new_tokens, lm.context_length // 2)
+    reserve = min(SamplingConfig.from_options(None, **sampling).max_new_tokens, lm.context_length // 2)
     out.write(f"lmforge chat ({HELP})\n")
     while True:
         try:

@@ -8,14 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmforge import __version__
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
+from lmforge.version import __version__
 
 log = logging.getLogger("lmforge")
 
@@ -71,16 +72,39 @@ def cmd_prepare(args: argparse.Namespace) -> None:
           f"in {args.out}")
 
 
-def _pretrain_config(args: argparse.Namespace) -> Any:
-    from lmforge.config import PretrainConfig, read_config_file
+_SHORTHANDS = {"model": "preset", "data": "path"}  # 'model: NAME' is 'model: {preset: NAME}', and so on
+
+
+def _run_config(args: argparse.Namespace, cls: type, command: str, shorthands: tuple[str, ...]) -> tuple[Any, dict]:
+    """The config of a training command, ``cls`` built from the ``--recipe NAME`` values updated by the
+    ``--config FILE`` ones updated by the flags (nested mappings, deep-merged in that order); and that
+    merged mapping, which says what was given. In each, a string stands for a whole ``shorthands``
+    section: ``model: NAME`` is ``model: {preset: NAME}``, ``data: FILE`` is ``data: {path: FILE}``."""
+    from lmforge.config import read_config_file
     from lmforge.options import build_dataclass, deep_merge, field_names, namespace_to_dict
 
-    values: dict[str, Any] = read_config_file(args.config) if args.config else {}
-    if isinstance(values.get("model"), str):
-        values["model"] = {"preset": values["model"]}
-    overrides = namespace_to_dict(args, keep=field_names(PretrainConfig))
-    config = build_dataclass(PretrainConfig, deep_merge(values, overrides))
-    model_given = bool(config.model.preset) or "model" in values or "model" in overrides
+    layers = []
+    if args.recipe:
+        from lmforge.recipes.catalog import recipe_values
+
+        layers.append(recipe_values(args.recipe, command))
+    if args.config:
+        layers.append(read_config_file(args.config))
+    layers.append(namespace_to_dict(args, keep=field_names(cls)))
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for section in shorthands:
+            if isinstance(layer.get(section), str):
+                layer = {**layer, section: {_SHORTHANDS[section]: layer[section]}}
+        values = deep_merge(values, layer)
+    return build_dataclass(cls, values), values
+
+
+def _pretrain_config(args: argparse.Namespace) -> Any:
+    from lmforge.config import PretrainConfig
+
+    config, values = _run_config(args, PretrainConfig, "pretrain", ("model",))
+    model_given = bool(config.model.preset) or "model" in values
     if config.init and model_given:
         raise ConfigError("--init continues pretraining a checkpoint with its own architecture; drop --model and "
                           "the 'model:' section")
@@ -112,17 +136,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int | None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from lmforge.config import FinetuneConfig, read_config_file
-    from lmforge.options import build_dataclass, deep_merge, field_names, namespace_to_dict
+    from lmforge.config import FinetuneConfig
     from lmforge.recipes.finetune import finetune, resolve_task
 
-    values: dict[str, Any] = read_config_file(args.config) if args.config else {}
-    if isinstance(values.get("data"), str):
-        values["data"] = {"path": values["data"]}
-    if isinstance(values.get("model"), str):
-        values["model"] = {"preset": values["model"]}
-    overrides = namespace_to_dict(args, keep=field_names(FinetuneConfig))
-    config = build_dataclass(FinetuneConfig, deep_merge(values, overrides))
+    config, _ = _run_config(args, FinetuneConfig, "finetune", ("data", "model"))
     result = finetune(config)
     metrics = result.metrics
     task = resolve_task(config)
@@ -174,39 +191,32 @@ def cmd_average(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from lmforge.api import LanguageModel, sampling_config
+    from lmforge.api import LanguageModel
     from lmforge.chat import chat_loop
 
-    options = {name: getattr(args, name) for name in _sampling_names() if hasattr(args, name)}
-    sampling_config(options)  # validate before the (slower) model load
+    options = _sampling_options(args)
     lm = LanguageModel.load(args.checkpoint, device=args.device, dtype=args.dtype)
     chat_loop(lm, options, system=args.system)
 
 
-EVAL_OPTIONS = {  # flag -> (option name, type); which task takes which: lmforge.evaluation.harness.task_options
-    "--format": ("format", str), "--prompt-template": ("prompt_template", str),
-    "--reference-field": ("reference_field", str), "--text-field": ("text_field", str),
-    "--label-field": ("label_field", str), "--template": ("template", str), "--stride": ("stride", int),
-    "--batch-size": ("batch_size", int), "--num-samples": ("num_samples", int), "--beam-size": ("beam_size", int),
-    "--mbr": ("mbr", str),
-}
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
+    from lmforge.evaluation.options import CLI_OPTIONS
     from lmforge.evaluation.suite import main_eval
 
-    options = {name: getattr(args, name, None) for name, _ in EVAL_OPTIONS.values()}
-    options["labels"] = args.labels
-    options.update({name: getattr(args, name) for name in _sampling_names()
-                    if name != "num_samples" and hasattr(args, name)})
-    if options.get("stop") is not None and not isinstance(options["stop"], list):
-        options["stop"] = [options["stop"]]
+    options = {option.name: getattr(args, option.name) for option in CLI_OPTIONS}
+    options.update(_sampling_options(args, skip=("num_samples",)))  # --num-samples is the diversity task's
     return main_eval(_checkpoints(args), task=args.task, data=args.data, suite=args.suite, limit=args.limit,
                      out=args.out, device=args.device, dtype=args.dtype, progress=not args.quiet, **options)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Start the HTTP server at once (``/health`` says 503 while loading), load the model behind it."""
+    from lmforge.config import ServeConfig
+    from lmforge.options import build_dataclass, field_names, namespace_to_dict
+
+    config = build_dataclass(ServeConfig, namespace_to_dict(args, keep=field_names(ServeConfig)))
+    config.validate()  # before the slow imports: a wrong flag is a one-line error at once
+
     import uvicorn
 
     from lmforge.api import LanguageModel
@@ -216,28 +226,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from lmforge.serving.request_log import RequestLog, default_log_path
     from lmforge.training.checkpoint import resolve_checkpoint
 
-    if args.port < 0 or args.port > 65535:
-        raise ConfigError(f"--port must be between 0 and 65535, not {args.port}")
-    if args.max_batch_size < 1 or args.max_queue < 1:
-        raise ConfigError("--max-batch-size and --max-queue must be >= 1")
-    if args.prefix_cache_tokens is not None and args.prefix_cache_tokens < 0:
-        raise ConfigError("--prefix-cache-tokens must be >= 0 (0 turns prefix caching off), "
-                          f"not {args.prefix_cache_tokens}")
-    if args.request_timeout is not None and args.request_timeout <= 0:
-        raise ConfigError(f"--request-timeout must be > 0 seconds, not {args.request_timeout}")
-    if args.max_body_size < 1024:
-        raise ConfigError(f"--max-body-size must be at least 1024 bytes, not {args.max_body_size}")
     checkpoint = Path(args.checkpoint)
     if not is_hf_folder(checkpoint):
         resolve_checkpoint(checkpoint)  # a missing or foreign folder is an error now, not after start-up
     precision = dtype_name(select_dtype(args.dtype, select_device(args.device)))
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         logging.getLogger("lmforge").warning("serving on %s without --api-key: anyone who can reach this address "
-                                             "can use the model", args.host)
+                                             "can use the model", config.host)
     log = None
-    if not args.no_request_log:
-        log_path = Path(args.request_log) if args.request_log else default_log_path(checkpoint)
-        log = RequestLog(log_path, log_prompts=args.log_prompts)
+    if not config.no_request_log:
+        log_path = Path(config.request_log) if config.request_log else default_log_path(checkpoint)
+        log = RequestLog(log_path, log_prompts=config.log_prompts)
     failure: list[BaseException] = []
 
     def stop_on_failure(exc: BaseException) -> None:
@@ -245,14 +244,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
         server.should_exit = True
 
     app = create_app(lambda: LanguageModel.load(checkpoint, device=args.device, dtype=args.dtype),
-                     api_key=args.api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                     prefix_cache_tokens=args.prefix_cache_tokens,
-                     model_name=checkpoint.resolve().name, request_timeout=args.request_timeout,
-                     max_body_bytes=args.max_body_size, request_log=log, on_load_error=stop_on_failure)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {args.checkpoint} ({precision}) at http://{shown}:{args.port}/v1 (OpenAI-compatible), web page at "
-          f"http://{shown}:{args.port}/" + (f"; requests logged to {log.path}" if log else "") + "; Ctrl-C stops",
+                     api_key=config.api_key, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
+                     prefix_cache_tokens=config.prefix_cache_tokens,
+                     model_name=checkpoint.resolve().name, request_timeout=config.request_timeout,
+                     max_body_bytes=config.max_body_size, request_log=log, on_load_error=stop_on_failure)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
+    shown = f"[{config.host}]" if ":" in config.host else config.host
+    print(f"serving {args.checkpoint} ({precision}) at http://{shown}:{config.port}/v1 (OpenAI-compatible), web page "
+          f"at http://{shown}:{config.port}/" + (f"; requests logged to {log.path}" if log else "") + "; Ctrl-C stops",
           flush=True)
     try:
         server.run()
@@ -266,7 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         error = failure[0]
         raise error if isinstance(error, LmforgeError) else CheckpointError(f"could not load the model: {error}")
     if not server.started:
-        raise ConfigError(f"could not listen on {args.host}:{args.port} (is the port in use?)")
+        raise ConfigError(f"could not listen on {config.host}:{config.port} (is the port in use?)")
 
 
 def cmd_requests(args: argparse.Namespace) -> None:
@@ -290,12 +289,13 @@ def cmd_requests(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from lmforge.api import LanguageModel, sampling_config
+    from lmforge.api import LanguageModel
+    from lmforge.config import SamplingConfig
 
-    options = {name: getattr(args, name) for name in _sampling_names() if hasattr(args, name)}
-    config = sampling_config(options)  # validate before the (slower) model load
+    options = _sampling_options(args)
+    num_samples = SamplingConfig.from_options(**options).num_samples
     prompts = args.prompt or [""]
-    if args.stream and (len(prompts) > 1 or config.num_samples > 1):
+    if args.stream and (len(prompts) > 1 or num_samples > 1):
         raise ConfigError("--stream shows one prompt and one sample at a time")
     lm = LanguageModel.load_ensemble(_checkpoints(args), device=args.device, dtype=args.dtype) if args.ensemble \
         else LanguageModel.load(args.checkpoint, device=args.device, dtype=args.dtype)
@@ -324,7 +324,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                               "completion_tokens": len(c.token_ids)}, ensure_ascii=False))
         return
     for i, c in enumerate(completions):
-        prompt = prompts[i // config.num_samples]
+        prompt = prompts[i // num_samples]
         if i:
             print("-" * 40)
         if c.prompt_truncated:
@@ -366,14 +366,6 @@ def cmd_answer(args: argparse.Namespace) -> None:
         print(f"{found.text}{where}")
 
 
-def _sampling_names() -> tuple[str, ...]:
-    import dataclasses
-
-    from lmforge.config import SamplingConfig
-
-    return tuple(f.name for f in dataclasses.fields(SamplingConfig))
-
-
 def cmd_perplexity(args: argparse.Namespace) -> None:
     from lmforge.api import LanguageModel
 
@@ -389,8 +381,6 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
     lm = LanguageModel.load(args.checkpoint, device=args.device, dtype=args.dtype)
     logprobs = lm.token_logprobs(text, stride=args.stride).double()
     nll = -float(logprobs.mean())
-    import math
-
     print(f"perplexity {math.exp(nll):.4f}  (mean negative log-likelihood {nll:.4f} nats/token over "
           f"{len(logprobs):,} tokens of {path})")
 
@@ -438,16 +428,38 @@ def cmd_presets(args: argparse.Namespace) -> None:
               f"{model.num_parameters():>18,}")
 
 
-# ----------------------------------------------------------------------------------- parser
-def _add_ensemble_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ensemble", nargs="+", default=None, metavar="CKPT",
-                        help="more encoder-decoder checkpoints (same tokenizer) decoded with CHECKPOINT as one "
-                             "model: the mean of their next-token probabilities")
+# ----------------------------------------------------------------------------------- shared
+def _sampling_options(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The sampling flags given (:class:`SamplingConfig` field names and their values; those not given
+    are left out, so the API's defaults apply), checked before the (slower) model load."""
+    from lmforge.config import SamplingConfig
+    from lmforge.options import field_names
+
+    options = {name: getattr(args, name) for name in field_names(SamplingConfig)
+               if name not in skip and hasattr(args, name)}
+    SamplingConfig.from_options(**options)
+    return options
 
 
 def _checkpoints(args: argparse.Namespace) -> Any:
     """The checkpoint argument, or with ``--ensemble`` the list of all the checkpoints."""
     return [args.checkpoint, *args.ensemble] if args.ensemble else args.checkpoint
+
+
+# ----------------------------------------------------------------------------------- parser
+# Each option group is declared once, here or in the dataclass it comes from: SamplingConfig (sampling
+# flags), PretrainConfig/FinetuneConfig (training), ServeConfig (serving), lmforge.evaluation.options
+# (eval task options).
+Subcommands = Any  # what ArgumentParser.add_subparsers returns
+
+
+def _command(commands: Subcommands, name: str, help: str, description: str = "") -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=help, description=description or help, formatter_class=_Formatter)
+
+
+def _add_checkpoint(parser: argparse.ArgumentParser, what: str = "checkpoint or run directory", hf: bool = False,
+                    **kwargs: Any) -> None:
+    parser.add_argument("checkpoint", help=what + (", or a Hugging Face folder" if hf else ""), **kwargs)
 
 
 def _add_device_options(parser: argparse.ArgumentParser, dtype: str = "fp32", dtype_help: str = "") -> None:
@@ -456,21 +468,37 @@ def _add_device_options(parser: argparse.ArgumentParser, dtype: str = "fp32", dt
                         help=f"weights' precision: fp32, bf16, fp16 or auto (default: {dtype}){dtype_help}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from lmforge.config import FinetuneConfig, PretrainConfig, SamplingConfig
+def _add_json_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--json", action="store_true", help=f"print {what}")
+
+
+def _add_quiet_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_ensemble_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ensemble", nargs="+", default=None, metavar="CKPT",
+                        help="more encoder-decoder checkpoints (same tokenizer) decoded with CHECKPOINT as one "
+                             "model: the mean of their next-token probabilities")
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    from lmforge.config import SamplingConfig
     from lmforge.options import add_arguments
 
-    parser = Parser(prog="lmforge", formatter_class=_Formatter,
-                    description="Train, fine-tune, evaluate and serve language models, offline and CPU first.")
-    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    commands.required = True
+    add_arguments(parser, SamplingConfig, flat=True, skip=skip)
 
-    def command(name: str, help: str, description: str = "") -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help, description=description or help, formatter_class=_Formatter)
 
-    p = command("train-tokenizer", "train a character or byte-level BPE tokenizer on text")
+def _add_config_options(parser: argparse.ArgumentParser, command: str, sections: str) -> None:
+    """``--config FILE`` and ``--recipe NAME``, the bases of a training command's flags."""
+    parser.add_argument("--config", metavar="FILE", help=f"YAML file with {sections}")
+    parser.add_argument("--recipe", metavar="NAME",
+                        help=f"a shipped {command} recipe (the settings of a measured run) to start from: "
+                             "--config FILE and flags override it (an unknown NAME lists the recipes)")
+
+
+def _add_data_commands(commands: Subcommands) -> None:
+    p = _command(commands, "train-tokenizer", "train a character or byte-level BPE tokenizer on text")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text/JSONL files, folders or globs")
     p.add_argument("--kind", choices=("char", "bpe"), default="bpe", help="tokenizer kind")
     p.add_argument("--vocab-size", type=int, default=None,
@@ -479,19 +507,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.json")
     p.set_defaults(func=cmd_train_tokenizer)
 
-    p = command("prepare", "tokenize a corpus into train/val token shards")
+    p = _command(commands, "prepare", "tokenize a corpus into train/val token shards")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text/JSONL files, folders or globs")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="directory holding tokenizer.json")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for train.bin, val.bin, meta.json")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL records")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quiet_option(p)
     p.set_defaults(func=cmd_prepare)
 
-    p = command("pretrain", "pretrain a model on prepared data (decoder/LSTM: next token; encoder: masked tokens)",
-                "Pretrain a model. Options come from --config FILE (YAML), overridden by flags; every YAML key "
-                "is also a flag (e.g. train.lr -> --train.lr).")
-    p.add_argument("--config", metavar="FILE", help="YAML file with data, out, model, train sections")
+
+def _add_pretrain_command(commands: Subcommands) -> None:
+    from lmforge.config import PretrainConfig
+    from lmforge.options import add_arguments
+
+    p = _command(commands, "pretrain", "pretrain a model on prepared data (decoder/LSTM: next token; encoder: "
+                                       "masked tokens)",
+                 "Pretrain a model. Options come from --config FILE (YAML), overridden by flags; every YAML key "
+                 "is also a flag (e.g. train.lr -> --train.lr).")
+    _add_config_options(p, "pretrain", "data, out, model, train sections")
     p.add_argument("--model", dest="model.preset", default=argparse.SUPPRESS, metavar="PRESET",
                    help="model preset name (see 'lmforge presets') or preset YAML file")
     p.add_argument("--max-steps", dest="train.max_steps", default=argparse.SUPPRESS, metavar="N",
@@ -501,29 +535,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
 
-    p = command("finetune", "fine-tune on chats/instructions/text (sft), labelled texts (classification), "
-                            "SQuAD-style questions (qa) or source/target pairs (seq2seq)",
-                "Fine-tune a checkpoint (full or LoRA) through the same training loop as pretraining, or train a "
-                "task model from scratch (--tokenizer DIR --model.preset NAME). The task comes from the data "
-                "(or --task). Options come from --config FILE (YAML), overridden by flags; every YAML key is "
-                "also a flag.")
-    p.add_argument("checkpoint", nargs="?", default=argparse.SUPPRESS,
-                   help="base checkpoint or run directory, or a Hugging Face folder")
-    p.add_argument("--config", metavar="FILE", help="YAML file with checkpoint, data, out, train, lora, eval")
+
+def _add_finetune_command(commands: Subcommands) -> None:
+    from lmforge.config import FinetuneConfig
+    from lmforge.options import add_arguments
+
+    p = _command(commands, "finetune", "fine-tune on chats/instructions/text (sft), labelled texts (classification), "
+                                       "SQuAD-style questions (qa) or source/target pairs (seq2seq)",
+                 "Fine-tune a checkpoint (full or LoRA) through the same training loop as pretraining, or train a "
+                 "task model from scratch (--tokenizer DIR --model.preset NAME). The task comes from the data "
+                 "(or --task). Options come from --config FILE (YAML), overridden by flags; every YAML key is "
+                 "also a flag.")
+    _add_checkpoint(p, "base checkpoint or run directory", hf=True, nargs="?", default=argparse.SUPPRESS)
+    _add_config_options(p, "finetune", "checkpoint, data, out, train, lora, eval")
     p.add_argument("--data", dest="data.path", default=argparse.SUPPRESS, metavar="FILE",
                    help="same as --data.path: JSONL/JSON (chat, alpaca, prompt/completion, text, labelled texts, "
                         "SQuAD-style, source/target), CSV/TSV, or a text file")
     add_arguments(p, FinetuneConfig, skip=("checkpoint",))
     p.set_defaults(func=cmd_finetune)
 
-    p = command("merge-lora", "fold a LoRA checkpoint's adapters into full weights")
-    p.add_argument("checkpoint", help="LoRA checkpoint or run directory")
+
+def _add_checkpoint_commands(commands: Subcommands) -> None:
+    p = _command(commands, "merge-lora", "fold a LoRA checkpoint's adapters into full weights")
+    _add_checkpoint(p, "LoRA checkpoint or run directory")
     p.add_argument("out", metavar="OUT_CHECKPOINT", help="checkpoint folder to write")
     p.set_defaults(func=cmd_merge_lora)
 
-    p = command("average", "average the weights of several checkpoints of one model (e.g. a run's last ones)",
-                "Write a checkpoint whose weights are the element-wise mean of the given checkpoints' (same "
-                "architecture, task and tokenizer), or of a run directory's last N checkpoints with --last N.")
+    p = _command(commands, "average", "average the weights of several checkpoints of one model (e.g. a run's last "
+                                      "ones)",
+                 "Write a checkpoint whose weights are the element-wise mean of the given checkpoints' (same "
+                 "architecture, task and tokenizer), or of a run directory's last N checkpoints with --last N.")
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint folders, or one run directory "
                                                                            "with --last")
     p.add_argument("--last", type=int, default=None, metavar="N",
@@ -531,77 +572,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write")
     p.set_defaults(func=cmd_average)
 
-    p = command("chat", "chat with a checkpoint in the terminal (streaming; /reset, /exit)")
-    p.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face folder")
+
+def _add_chat_command(commands: Subcommands) -> None:
+    p = _command(commands, "chat", "chat with a checkpoint in the terminal (streaming; /reset, /exit)")
+    _add_checkpoint(p, hf=True)
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message opening the conversation")
-    add_arguments(p, SamplingConfig, flat=True)
+    _add_sampling_options(p)
     _add_device_options(p)
     p.set_defaults(func=cmd_chat)
 
-    p = command("eval", "evaluate a checkpoint: perplexity, generation (BLEU/chrF/ROUGE), QA, classification, "
-                        "diversity; or a YAML suite with thresholds",
-                "Evaluate a checkpoint on one task and data file, or on a YAML suite of tasks whose thresholds "
-                "make the command exit with code 1 when a metric falls short (to gate a release in CI).")
-    p.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face folder")
+
+def _add_eval_command(commands: Subcommands) -> None:
+    from lmforge.evaluation.options import CLI_OPTIONS
+
+    p = _command(commands, "eval", "evaluate a checkpoint: perplexity, generation (BLEU/chrF/ROUGE), QA, "
+                                   "classification, diversity; or a YAML suite with thresholds",
+                 "Evaluate a checkpoint on one task and data file, or on a YAML suite of tasks whose thresholds "
+                 "make the command exit with code 1 when a metric falls short (to gate a release in CI).")
+    _add_checkpoint(p, hf=True)
     p.add_argument("--task", choices=("perplexity", "generation", "qa", "classification", "diversity"),
                    help="what to measure")
     p.add_argument("--data", nargs="+", metavar="FILE", help="data file(s) for the task")
     p.add_argument("--suite", metavar="FILE", help="YAML suite: tasks, data, limits and min/max thresholds")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N examples")
     p.add_argument("--out", metavar="FILE", help="write the JSON report here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    for flag, (name, kind) in EVAL_OPTIONS.items():
-        p.add_argument(flag, dest=name, type=kind, default=None, help=f"task option {name}")
-    p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
-                   help="candidate labels for classification (default: the labels in the data)")
-    add_arguments(p, SamplingConfig, flat=True, skip=("num_samples",))
+    _add_quiet_option(p)
+    for option in CLI_OPTIONS:  # the tasks' own options
+        p.add_argument(option.flag, **option.argparse_kwargs())
+    _add_sampling_options(p, skip=("num_samples",))  # --num-samples is the diversity task's
     _add_ensemble_option(p)
     _add_device_options(p)
     p.set_defaults(func=cmd_eval)
 
-    p = command("serve", "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)")
-    p.add_argument("checkpoint", help="checkpoint or run directory, or a Hugging Face folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs care)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=64, metavar="N",
-                   help="requests waiting beyond the batch; more get 429")
-    p.add_argument("--prefix-cache-tokens", type=int, default=None, metavar="N",
-                   help="prompt positions whose keys and values are kept, so that prompts starting the same way "
-                        "(system prompts, chat history) skip recomputing them; 0 turns it off (default: half "
-                        "the batch's context, max-batch-size x context / 2)")
-    p.add_argument("--request-timeout", type=float, default=None, metavar="S",
-                   help="stop a generation running longer than S seconds with a 408 (default: no limit)")
-    p.add_argument("--max-body-size", type=int, default=1 << 20, metavar="BYTES",
-                   help="larger request bodies get 413")
-    p.add_argument("--request-log", default=None, metavar="DB",
-                   help="SQLite file recording every request (default: requests.sqlite3 in the checkpoint folder)")
-    p.add_argument("--no-request-log", action="store_true", help="record nothing")
-    p.add_argument("--log-prompts", action="store_true", help="also record prompt text in the request log")
+
+def _add_serving_commands(commands: Subcommands) -> None:
+    from lmforge.config import ServeConfig
+    from lmforge.options import add_arguments
+
+    p = _command(commands, "serve", "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching)")
+    _add_checkpoint(p, hf=True)
+    add_arguments(p, ServeConfig, flat=True, defaults=True)
     _add_device_options(p, dtype="auto", dtype_help="; auto is bf16 where the hardware computes it natively, "
                         "the faster choice under concurrent load, and fp32 elsewhere; fp32 gives the lowest latency "
                         "to a single client of a small model")
     p.set_defaults(func=cmd_serve)
 
-    p = command("requests", "summarize the requests a server recorded (counts, tokens, latency, errors)",
-                "Summarize a request log written by 'lmforge serve': requests by endpoint and outcome, tokens, "
-                "latency and time-to-first-token percentiles, the most common errors.")
+    p = _command(commands, "requests", "summarize the requests a server recorded (counts, tokens, latency, errors)",
+                 "Summarize a request log written by 'lmforge serve': requests by endpoint and outcome, tokens, "
+                 "latency and time-to-first-token percentiles, the most common errors.")
     p.add_argument("log", metavar="CHECKPOINT_OR_DB",
                    help="the request log file, or the checkpoint/run folder holding requests.sqlite3")
     p.add_argument("--last", type=int, default=None, metavar="N", help="also list the last N requests")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _add_json_option(p, "JSON instead of tables")
     p.set_defaults(func=cmd_requests)
 
-    p = command("generate", "generate text from a checkpoint")
-    p.add_argument("checkpoint", help="checkpoint or run directory")
+
+def _add_generate_command(commands: Subcommands) -> None:
+    p = _command(commands, "generate", "generate text from a checkpoint")
+    _add_checkpoint(p)
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="prompt text; give it several times for a batch (default: an empty prompt)")
-    add_arguments(p, SamplingConfig, flat=True)
+    _add_sampling_options(p)
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--truncate", action="store_true",
                    help="drop the start of a prompt that is too long for the context (else an error)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per sample")
+    _add_json_option(p, "one JSON object per sample")
     p.add_argument("--beam-size", type=int, default=1, metavar="N",
                    help="encoder-decoder checkpoints: beam search with N beams (1: greedy or sampling)")
     p.add_argument("--mbr", choices=("bleu", "chrf"), default=None,
@@ -611,63 +646,77 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_options(p)
     p.set_defaults(func=cmd_generate)
 
-    p = command("classify", "classify texts with a classifier checkpoint (or zero-shot with a language model)")
-    p.add_argument("checkpoint", help="checkpoint or run directory")
+
+def _add_task_commands(commands: Subcommands) -> None:
+    p = _command(commands, "classify", "classify texts with a classifier checkpoint (or zero-shot with a language "
+                                       "model)")
+    _add_checkpoint(p)
     p.add_argument("text", nargs="+", help="text(s) to classify")
     p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                    help="candidate labels (needed by a language model; a classifier's own labels by default)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per text")
+    _add_json_option(p, "one JSON object per text")
     _add_device_options(p)
     p.set_defaults(func=cmd_classify)
 
-    p = command("answer", "answer a question about a context (extractive QA checkpoint, or a language model)")
-    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p = _command(commands, "answer", "answer a question about a context (extractive QA checkpoint, or a language "
+                                     "model)")
+    _add_checkpoint(p)
     p.add_argument("--question", required=True, help="the question")
     p.add_argument("--context", default=None, help="the context text")
     p.add_argument("--context-file", default=None, metavar="FILE", help="read the context from a file")
-    p.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_json_option(p, "a JSON object")
     _add_device_options(p)
     p.set_defaults(func=cmd_answer)
 
-    p = command("perplexity", "perplexity of a checkpoint on a text file")
-    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p = _command(commands, "perplexity", "perplexity of a checkpoint on a text file")
+    _add_checkpoint(p)
     p.add_argument("--input", required=True, metavar="FILE", help="UTF-8 text file")
     p.add_argument("--stride", type=int, default=None,
                    help="tokens the scoring window advances (default: the context length)")
     _add_device_options(p)
     p.set_defaults(func=cmd_perplexity)
 
-    p = command("export", "export a checkpoint for other tools (Hugging Face transformers, llama.cpp)")
-    formats = p.add_subparsers(dest="format", metavar="FORMAT", parser_class=Parser)
+
+def _format(formats: Subcommands, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    return formats.add_parser(name, help=help, description=description, formatter_class=_Formatter)
+
+
+def _formats(parser: argparse.ArgumentParser) -> Subcommands:
+    formats = parser.add_subparsers(dest="format", metavar="FORMAT", parser_class=Parser)
     formats.required = True
-    q = formats.add_parser("hf", help="a Hugging Face folder (GPT2LMHeadModel or LlamaForCausalLM + tokenizer)",
-                           description="Write a folder that transformers' AutoModelForCausalLM and AutoTokenizer "
-                                       "load as is.", formatter_class=_Formatter)
-    q.add_argument("checkpoint", help="checkpoint or run directory")
+    return formats
+
+
+def _add_interop_commands(commands: Subcommands) -> None:
+    formats = _formats(_command(commands, "export", "export a checkpoint for other tools (Hugging Face "
+                                                    "transformers, llama.cpp)"))
+    q = _format(formats, "hf", "a Hugging Face folder (GPT2LMHeadModel or LlamaForCausalLM + tokenizer)",
+                "Write a folder that transformers' AutoModelForCausalLM and AutoTokenizer load as is.")
+    _add_checkpoint(q)
     q.add_argument("out", metavar="OUT_DIR", help="folder to write")
     q.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="precision of the weights")
     q.set_defaults(func=cmd_export_hf)
-    q = formats.add_parser("gguf", help="one GGUF file for llama.cpp / Ollama (Llama-flavoured models)",
-                           description="Write a GGUF file with the tokenizer embedded (Llama-flavoured models "
-                                       "with a byte-level BPE tokenizer).", formatter_class=_Formatter)
-    q.add_argument("checkpoint", help="checkpoint or run directory")
+    q = _format(formats, "gguf", "one GGUF file for llama.cpp / Ollama (Llama-flavoured models)",
+                "Write a GGUF file with the tokenizer embedded (Llama-flavoured models with a byte-level BPE "
+                "tokenizer).")
+    _add_checkpoint(q)
     q.add_argument("out", metavar="OUT.gguf", help="file to write")
     q.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default="f16",
                    help="precision of the matrices (norms stay f32)")
     q.set_defaults(func=cmd_export_gguf)
 
-    p = command("import", "import a model from another format into an lmforge checkpoint")
-    formats = p.add_subparsers(dest="format", metavar="FORMAT", parser_class=Parser)
-    formats.required = True
-    q = formats.add_parser("hf", help="a local Hugging Face GPT-2, Llama or Mistral folder",
-                           description="Convert a local Hugging Face folder (config.json, safetensors or "
-                                       "pytorch_model.bin, tokenizer) into an lmforge checkpoint.",
-                           formatter_class=_Formatter)
+    formats = _formats(_command(commands, "import", "import a model from another format into an lmforge "
+                                                    "checkpoint"))
+    q = _format(formats, "hf", "a local Hugging Face GPT-2, Llama or Mistral folder",
+                "Convert a local Hugging Face folder (config.json, safetensors or pytorch_model.bin, tokenizer) "
+                "into an lmforge checkpoint.")
     q.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model folder")
     q.add_argument("out", metavar="OUT_CHECKPOINT", help="checkpoint folder to write")
     q.set_defaults(func=cmd_import_hf)
 
-    p = command("quickstart", "train a small model end to end on an embedded corpus (no download)")
+
+def _add_start_commands(commands: Subcommands) -> None:
+    p = _command(commands, "quickstart", "train a small model end to end on an embedded corpus (no download)")
     p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="where everything is written")
     p.add_argument("--max-time", type=float, default=300.0, metavar="SECONDS", help="training time budget")
     p.add_argument("--input", nargs="+", default=None, metavar="PATH",
@@ -675,8 +724,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="PRESET", help="model preset (default: a small GPT-2)")
     p.set_defaults(func=cmd_quickstart)
 
-    p = command("presets", "list the bundled model presets")
+    p = _command(commands, "presets", "list the bundled model presets")
     p.set_defaults(func=cmd_presets)
+
+
+_COMMAND_GROUPS = (  # in the order of 'lmforge --help'
+    _add_data_commands, _add_pretrain_command, _add_finetune_command, _add_checkpoint_commands, _add_chat_command,
+    _add_eval_command, _add_serving_commands, _add_generate_command, _add_task_commands, _add_interop_commands,
+    _add_start_commands,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="lmforge", formatter_class=_Formatter,
+                    description="Train, fine-tune, evaluate and serve language models, offline and CPU first.")
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    commands.required = True
+    for add_commands in _COMMAND_GROUPS:
+        add_commands(commands)
     return parser
 
 

@@ -20,7 +20,9 @@ from lmforge.errors import ConfigError
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field carrying its command-line help text."""
+    """A dataclass field carrying its command-line help text (and any other metadata: ``metavar``;
+    ``tasks``, the fine-tuning tasks it is for, with ``use`` saying what it does: see
+    :func:`check_task_scope`)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
@@ -36,6 +38,18 @@ def _check_positive(name: str, value: Any, allow_none: bool = False, allow_zero:
         return
     if value is None or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, not {value!r}")
+
+
+def check_task_scope(config: Any, task: str, prefix: str = "") -> None:
+    """Refuse an option of ``config`` (and its sections) that is set away from its default in a run of a
+    task it is not for: fields declared with ``option(..., tasks=(...), use="what it does")``."""
+    for f in dataclasses.fields(config):
+        value, name = getattr(config, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_task_scope(value, task, name + ".")
+        elif "tasks" in f.metadata and task not in f.metadata["tasks"] and value != f.default:
+            use = f.metadata.get("use") or f"is for {' and '.join(f.metadata['tasks'])} fine-tuning"
+            raise ConfigError(f"{name} {use}; this is a {task} run")
 
 
 MODEL_FAMILIES = ("decoder", "encoder", "seq2seq", "lstm")
@@ -154,7 +168,8 @@ class TrainConfig:
                                          "in the training loss (0: none; validation losses stay unsmoothed)")
     rdrop: float = option(0.0, "R-Drop: weight of the symmetric KL divergence between two dropout passes of "
                                "each batch, added to their mean loss (seq2seq and classification fine-tuning; "
-                               "0: off; a step then runs the batch twice)")
+                               "0: off; a step then runs the batch twice)",
+                          tasks=("seq2seq", "classification"))
     batch_size: int = option(12, "sequences per micro-batch on each process")
     grad_accum: int = option(1, "micro-batches accumulated per optimiser step")
     max_steps: int | None = option(2000, "stop after this many optimiser steps")
@@ -331,7 +346,8 @@ class FinetuneDataConfig:
     source_field: str | None = option(None, "seq2seq JSON: source field (default: source, document, src, input)")
     target_field: str | None = option(None, "seq2seq JSON: target field (default: target, summary, tgt, output)")
     bpe_dropout: float = option(0.0, "seq2seq: BPE-dropout, the chance of skipping each merge when a training "
-                                     "text is segmented (subword regularisation; 0.1 in the paper; 0: off)")
+                                     "text is segmented (subword regularisation; 0.1 in the paper; 0: off)",
+                                tasks=("seq2seq",))
     bpe_dropout_samples: int = option(16, "seq2seq: segmentations of the training set sampled for "
                                           "data.bpe_dropout; epoch e trains on sample e mod this")
     stride: int | None = option(None, "qa: context tokens shared by consecutive windows of a long context "
@@ -371,11 +387,13 @@ class FinetuneConfig:
                                   "(over the real tokens), or auto (first for encoders, last for causal models)")
     ngram_buckets: int = option(0, "classification: add a linear bag of the text's hashed token uni- and "
                                    "bigrams, this many buckets, to the head's logits (fastText's bag beside the "
-                                   "encoder: wide & deep; helps small data; e.g. 262144); 0: off")
+                                   "encoder: wide & deep; helps small data; e.g. 262144); 0: off",
+                                   tasks=("classification",), use="adds an n-gram bag to a classifier")
     ngram_lr: float = option(0.03, "classification: peak learning rate of the n-gram bag (it learns from zero, "
                                    "so far faster than the backbone; follows train.lr's schedule)")
     question_match: bool = option(False, "qa: mark the context tokens that also occur in the question with a "
-                                         "learned input embedding (DrQA's exact-match feature; helps small data)")
+                                         "learned input embedding (DrQA's exact-match feature; helps small data)",
+                                  tasks=("qa",), use="marks question words in QA contexts")
     dropout: float | None = option(None, "dropout while fine-tuning a checkpoint (default: its model.dropout; "
                                          "e.g. 0.1 for an encoder pretrained without); from scratch: model.dropout")
     tokenizer: str | None = option(None, "from scratch: tokenizer directory or tokenizer.json")
@@ -431,6 +449,21 @@ class SamplingConfig:
     seed: int | None = option(None, "random seed for reproducible sampling")
     num_samples: int = option(1, "samples to draw per prompt")
     ignore_eos: bool = option(False, "keep generating after the end-of-sequence token (for benchmarks)")
+
+    @classmethod
+    def from_options(cls, base: SamplingConfig | None = None, **options: Any) -> SamplingConfig:
+        """The one parser of sampling options: ``base`` (or the defaults) updated by ``options``
+        (:class:`SamplingConfig` field names; ``None`` values are ignored, a string ``stop`` is one stop
+        string, unknown names and bad values are a :class:`ConfigError`), validated."""
+        from lmforge.options import build_dataclass
+
+        options = {k: v for k, v in options.items() if v is not None}
+        if isinstance(options.get("stop"), str):
+            options["stop"] = [options["stop"]]
+        values = {**dataclasses.asdict(base), **options} if base is not None else options
+        config = build_dataclass(cls, values)
+        config.validate()
+        return config
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -510,3 +543,47 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def to_dict(config: Any) -> dict[str, Any]:
     """A dataclass as a plain nested dict (for YAML and JSON)."""
     return dataclasses.asdict(config)
+
+
+# --------------------------------------------------------------------------------------------
+# Serving
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ServeConfig:
+    """How ``lmforge serve`` listens and admits requests (the model's device and precision aside).
+
+    Its fields are the command's flags (``--max-batch-size``; read with
+    ``add_arguments(parser, ServeConfig, flat=True, defaults=True)``); :meth:`validate` gives the
+    errors in the flags' spelling.
+    """
+
+    host: str = option("127.0.0.1", "address to bind (anything but loopback needs care)", metavar=None)
+    port: int = option(8000, "TCP port", metavar=None)
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1 routes", metavar="KEY")
+    max_batch_size: int = option(8, "sequences decoded together")
+    max_queue: int = option(64, "requests waiting beyond the batch; more get 429")
+    prefix_cache_tokens: int | None = option(None, "prompt positions whose keys and values are kept, so that "
+                                                   "prompts starting the same way (system prompts, chat history) "
+                                                   "skip recomputing them; 0 turns it off (default: half the "
+                                                   "batch's context, max-batch-size x context / 2)")
+    request_timeout: float | None = option(None, "stop a generation running longer than S seconds with a 408 "
+                                                 "(default: no limit)", metavar="S")
+    max_body_size: int = option(1 << 20, "larger request bodies get 413", metavar="BYTES")
+    request_log: str | None = option(None, "SQLite file recording every request (default: requests.sqlite3 in "
+                                           "the checkpoint folder)", metavar="DB")
+    no_request_log: bool = option(False, "record nothing")
+    log_prompts: bool = option(False, "also record prompt text in the request log")
+
+    def validate(self) -> None:
+        if self.port < 0 or self.port > 65535:
+            raise ConfigError(f"--port must be between 0 and 65535, not {self.port}")
+        if self.max_batch_size < 1 or self.max_queue < 1:
+            raise ConfigError("--max-batch-size and --max-queue must be >= 1")
+        if self.prefix_cache_tokens is not None and self.prefix_cache_tokens < 0:
+            raise ConfigError("--prefix-cache-tokens must be >= 0 (0 turns prefix caching off), "
+                              f"not {self.prefix_cache_tokens}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ConfigError(f"--request-timeout must be > 0 seconds, not {self.request_timeout}")
+        if self.max_body_size < 1024:
+            raise ConfigError(f"--max-body-size must be at least 1024 bytes, not {self.max_body_size}")

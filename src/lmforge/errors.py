@@ -25,4 +25,18 @@ class CheckpointError(LmforgeError):
 
 
 class RequestError(LmforgeError):
-    """A generation or scoring request that cannot be served (e.g. a prompt longer than the context)."""
+    """A generation or scoring request that cannot be served (e.g. a prompt longer than the context).
+
+    ``param`` names the request field at fault and ``code`` is a machine-readable reason; the server
+    puts both into its OpenAI-style error body."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class ContextLengthError(RequestError):
+    """A prompt (or task input) that does not fit the model's context, with the numbers in its message."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message, param, "context_length_exceeded")

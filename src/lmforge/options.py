@@ -126,11 +126,17 @@ def build_dataclass(cls: type[T], values: dict[str, Any] | None, prefix: str = "
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", flat: bool = False,
-                  skip: tuple[str, ...] = ()) -> None:
+                  skip: tuple[str, ...] = (), defaults: bool = False) -> None:
     """Add one flag per field of ``cls`` (recursing into nested dataclasses).
 
     ``flat=True`` spells ``max_new_tokens`` as ``--max-new-tokens``; otherwise flags are dotted
     (``--train.lr``). Flags default to "not given" so that YAML values are not overwritten.
+
+    ``defaults=True`` is for options read from the command line only (no YAML under them): each flag
+    then defaults to its field's default and converts with the field's ``int``/``float`` type, and a
+    ``bool`` field that defaults to False is a plain switch (``--log-prompts``). A field's ``metavar``
+    metadata (``option(..., metavar="S")``) names its flag's value; ``None`` there means argparse's
+    own (the flag's name in capitals).
     """
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(prefix) if prefix and not flat else parser
@@ -140,22 +146,30 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", 
         tp = hints[f.name]
         dest = f"{prefix}.{f.name}" if prefix else f.name
         if dataclasses.is_dataclass(tp):
-            add_arguments(parser, tp, dest, flat=flat)
+            add_arguments(parser, tp, dest, flat=flat, defaults=defaults)
             continue
         flag = "--" + (f.name.replace("_", "-") if flat else dest)
         inner, _ = _unwrap_optional(tp)
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        switch = defaults and inner is bool and default is False
         help_text = f.metadata.get("help", "")
-        if default not in (None, []) and "(default" not in help_text:
+        if default not in (None, []) and "(default" not in help_text and not switch:
             help_text += f" (default: {default})"
-        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
-        if inner is bool:
+        kwargs: dict[str, Any] = {"dest": dest, "default": default if defaults else argparse.SUPPRESS,
+                                  "help": help_text}
+        if switch:
+            kwargs["action"] = "store_true"
+        elif inner is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         elif typing.get_origin(inner) is list:
             kwargs.update(action="append", metavar=f.name.upper())
         else:
             kwargs["metavar"] = {int: "N", float: "X"}.get(inner, f.name.upper())
+            if defaults and inner in (int, float):
+                kwargs["type"] = inner
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
         group.add_argument(flag, **kwargs)
 
 

@@ -36,10 +36,16 @@ class LineProgress:
     def close(self) -> None:
         self._print()
 
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def progress_bar(total: float | None, desc: str, unit: str = "it", enabled: bool = True, **kwargs: Any) -> Any:
     """A tqdm bar when stderr is a terminal, :class:`LineProgress` when it is not, a silent one when
-    ``enabled`` is False."""
+    ``enabled`` is False. Each is a context manager that closes the bar (``with progress_bar(...) as bar``)."""
     if not enabled:
         return tqdm(total=total, disable=True)
     if sys.stderr.isatty():

@@ -21,7 +21,7 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.fileio import atomic_write_text, read_json_object
 
 PAD, BOS, EOS, UNK, MASK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>", "<|mask|>"
@@ -192,8 +192,19 @@ class Tokenizer:
         return {i for i in (self._id(role) for role in self.special) if i is not None}
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens added)."""
-        return self.hf.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text`` (no special tokens added). Text that is not valid Unicode (a lone
+        surrogate such as ``"\\ud800"``) is a :class:`~lmforge.errors.DataError`."""
+        try:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the Rust library takes only valid Unicode (its message: "... must be str")
+            if not isinstance(text, str):
+                raise
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise DataError(f"the text holds an invalid code point U+{ord(text[exc.start]):04X} (a lone "
+                                f"surrogate) at character {exc.start}; send valid Unicode text") from None
+            raise
 
     def encode_with_special(self, text: str) -> list[int]:
         """Token ids of text in which special-token strings (``<|eos|>``, ...) stand for the special
@@ -208,11 +219,15 @@ class Tokenizer:
         if pattern is None:
             return self.encode(text)
         ids: list[int] = []
-        for i, part in enumerate(pattern.split(text)):
-            if i % 2:
-                ids.append(self.hf.token_to_id(part))
-            elif part:
-                ids += self.encode(part)
+        try:
+            for i, part in enumerate(pattern.split(text)):
+                if i % 2:
+                    ids.append(self.hf.token_to_id(part))
+                elif part:
+                    ids += self.encode(part)
+        except DataError:  # an invalid code point: said again with its position in the whole text
+            self.encode(text)
+            raise
         return ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:

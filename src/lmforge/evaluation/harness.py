@@ -53,22 +53,23 @@ from lmforge.data.labelled import FieldName, read_labelled
 from lmforge.data.tasks import read_pairs
 from lmforge.errors import ConfigError, DataError
 from lmforge.evaluation import metrics as M
-from lmforge.evaluation.generation import Generation, eval_mode, generate_ids, make_sampling
+from lmforge.evaluation.options import check_option_type
 from lmforge.fileio import atomic_write_text, check_output_file
+from lmforge.inference.completion import Completion, complete_ids
+from lmforge.inference.prompts import CLASSIFICATION_TEMPLATE, QA_TEMPLATE, encode_prompt, prompt_head, qa_prompt
+from lmforge.inference.scoring import label_logprobs, label_scores
 from lmforge.progress import progress_bar
 from lmforge.tokenizer import Tokenizer
+from lmforge.version import __version__
 
-if TYPE_CHECKING:  # evaluation sits below the API layer: it only uses a LanguageModel it is given
+if TYPE_CHECKING:  # the harness sits above the API: it runs a LanguageModel it is given
     from lmforge.api import LanguageModel
 
+__all__ = ["CLASSIFICATION_TEMPLATE", "QA_TEMPLATE", "RUNNERS", "TASKS", "TASK_METRICS", "check_options", "evaluate",
+           "format_table", "generation_examples", "generation_metrics", "label_scores", "qa_prompt", "task_options",
+           "write_report"]
+
 DataPaths = str | Path | Sequence[str | Path] | None
-
-#: How a QA example is put to the model; the answer is generated after it, up to a newline.
-QA_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
-
-#: How a text and a candidate label are joined for zero-shot classification. ``{label}`` comes last;
-#: the spaces before it belong to the label (so BPE sees " positive" as in running text).
-CLASSIFICATION_TEMPLATE = "Text: {text}\nLabel: {label}"
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "perplexity": ("perplexity", "loss", "tokens"),
@@ -122,8 +123,7 @@ def run_perplexity(lm: LanguageModel, data: DataPaths, *, limit: int | None = No
     records = _limited(_records(data, "perplexity"), limit)
     texts = [_text(r.get(text_field), f"field {text_field!r}", n) for n, r in enumerate(records, 1)]
     total_nll, tokens = 0.0, 0
-    bar = progress_bar(len(texts), "eval perplexity", unit="doc", enabled=progress)
-    try:
+    with progress_bar(len(texts), "eval perplexity", unit="doc", enabled=progress) as bar:
         for text in texts:
             if text:
                 logprobs = lm.token_logprobs(text, stride=stride).double()
@@ -132,8 +132,6 @@ def run_perplexity(lm: LanguageModel, data: DataPaths, *, limit: int | None = No
             bar.update(1)
             if tokens:
                 bar.set_postfix_str(f"ppl {math.exp(total_nll / tokens):.3f}")
-    finally:
-        bar.close()
     if not tokens:
         raise DataError("the perplexity data holds no text")
     loss = total_nll / tokens
@@ -153,7 +151,7 @@ def generation_examples(records: list[dict[str, Any]], tokenizer: Tokenizer, for
         raise ConfigError("prompt_template and reference_field go together: give both or neither")
     examples = []
     if prompt_template is not None:
-        head = tokenizer.start_ids if tokenizer.adds_bos else []
+        head = prompt_head(tokenizer)
         for number, record in enumerate(records, 1):
             try:
                 prompt = prompt_template.format_map(record)
@@ -174,7 +172,7 @@ def generation_examples(records: list[dict[str, Any]], tokenizer: Tokenizer, for
 
 def generation_metrics(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequence[tuple[Sequence[int], str]],
                        sampling: SamplingConfig | None = None, batch_size: int = 16, progress: Any = None,
-                       **options: Any) -> tuple[dict[str, float], list[Generation]]:
+                       **options: Any) -> tuple[dict[str, float], list[Completion]]:
     """Generate from each example's prompt ids (greedy unless ``sampling``/``options`` say otherwise)
     and compare with its reference: ``bleu``, ``chrf``, ``rouge1``, ``rouge2``, ``rougeL`` (0-100),
     ``eos_rate`` and ``mean_new_tokens``. Works on a bare model and tokenizer (a training loop's
@@ -183,16 +181,16 @@ def generation_metrics(model: torch.nn.Module, tokenizer: Tokenizer, examples: S
         raise DataError("no examples to generate for")
     if sampling is None:
         options.setdefault("temperature", 0.0)
-    config = make_sampling(sampling, **options)
+    config = SamplingConfig.from_options(sampling, **options)
     if config.num_samples != 1:
         raise ConfigError("the generation task compares one generation per example with its reference; "
                           "num_samples must be 1")
-    generations = generate_ids(model, tokenizer, [p for p, _ in examples], config, batch_size, progress)
+    generations = complete_ids(model, tokenizer, [p for p, _ in examples], config, batch_size, progress)
     hypotheses = [g.text.strip() for g in generations]
     references = [r.strip() for _, r in examples]
     results = {"bleu": M.bleu(hypotheses, references), "chrf": M.chrf(hypotheses, references),
                **M.rouge(hypotheses, references),
-               "eos_rate": sum(g.finish_reason == "eos" for g in generations) / len(generations),
+               "eos_rate": sum(g.eos for g in generations) / len(generations),
                "mean_new_tokens": sum(len(g.token_ids) for g in generations) / len(generations)}
     return results, generations
 
@@ -212,13 +210,10 @@ def run_generation(lm: LanguageModel, data: DataPaths, *, limit: int | None = No
     if beam_size != 1 or mbr:
         raise ConfigError(f"{'beam_size' if beam_size != 1 else 'mbr'} is for encoder-decoder checkpoints")
     records = _limited(_records(data, "generation"), limit)
-    config = make_sampling(None, **{"temperature": 0.0, **sampling})  # checked before the slow part
+    config = SamplingConfig.from_options(None, **{"temperature": 0.0, **sampling})  # checked before the slow part
     examples = generation_examples(records, lm.tokenizer, format, prompt_template, reference_field)
-    bar = progress_bar(len(examples), "eval generation", unit="example", enabled=progress)
-    try:
+    with progress_bar(len(examples), "eval generation", unit="example", enabled=progress) as bar:
         results, generations = generation_metrics(lm.model, lm.tokenizer, examples, config, batch_size, bar)
-    finally:
-        bar.close()
     samples = [{"prediction": g.text, "reference": ref, "finish_reason": g.finish_reason}
                for g, (_, ref) in zip(generations[:SAMPLES_IN_REPORT], examples)]
     return {"examples": len(examples), "metrics": results,
@@ -235,14 +230,11 @@ def _run_seq2seq(lm: LanguageModel, data: DataPaths, limit: int | None, progress
     if beam_size > 1:
         options["beam_size"] = beam_size
     hypotheses = []
-    bar = progress_bar(len(pairs), "eval generation", unit="example", enabled=progress)
-    try:
+    with progress_bar(len(pairs), "eval generation", unit="example", enabled=progress) as bar:
         for start in range(0, len(pairs), batch_size):
             chunk = [source for source, _ in pairs[start:start + batch_size]]
             hypotheses += lm.generate(chunk, **options)
             bar.update(len(chunk))
-    finally:
-        bar.close()
     references = [target.strip() for _, target in pairs]
     results = {"bleu": M.bleu(hypotheses, references), "chrf": M.chrf(hypotheses, references),
                **M.rouge(hypotheses, references)}
@@ -266,26 +258,6 @@ def qa_answers(record: dict[str, Any], number: int) -> list[str]:
     return answers
 
 
-def qa_prompt(tokenizer: Tokenizer, context: str, question: str, budget: int,
-              template: str = QA_TEMPLATE) -> tuple[list[int], int]:
-    """Prompt ids of a QA example in at most ``budget`` tokens; a context that does not fit loses its
-    start. Returns the ids and how many context tokens were dropped."""
-    if template.count("{context}") != 1 or template.count("{question}") != 1:
-        raise ConfigError("a QA template needs one {context} and one {question}")
-    before, after = template.split("{context}")
-    before, after = before.replace("{question}", question), after.replace("{question}", question)
-    head = tokenizer.start_ids if tokenizer.adds_bos else []
-    ids = head + tokenizer.encode(before + context + after)
-    if len(ids) <= budget:
-        return ids, 0
-    parts = [tokenizer.encode(before), tokenizer.encode(context), tokenizer.encode(after)]
-    keep = budget - len(head) - len(parts[0]) - len(parts[2])
-    if keep <= 0:  # not even the question fits: keep the end of it
-        rest = parts[0] + parts[2]
-        return head + rest[len(rest) - (budget - len(head)):], len(parts[1])
-    return head + parts[0] + parts[1][len(parts[1]) - keep:] + parts[2], len(parts[1]) - keep
-
-
 def run_qa(lm: LanguageModel, data: DataPaths, *, limit: int | None = None, progress: bool = True,
            template: str = QA_TEMPLATE, batch_size: int = 16, **sampling: Any) -> dict[str, Any]:
     """Extractive QA by generation: SQuAD ``exact_match`` and ``f1`` (0-100). Greedy, up to 32 new
@@ -303,7 +275,8 @@ def run_qa(lm: LanguageModel, data: DataPaths, *, limit: int | None = None, prog
                    for (q, _, g), p in zip(examples[:SAMPLES_IN_REPORT], predictions)]
         return {"examples": len(examples), "metrics": M.squad_scores(predictions, gold), "truncated": 0,
                 "samples": samples}
-    config = make_sampling(None, **{"temperature": 0.0, "max_new_tokens": 32, "stop": ["\n"], **sampling})
+    config = SamplingConfig.from_options(None, **{"temperature": 0.0, "max_new_tokens": 32, "stop": ["\n"],
+                                                  **sampling})
     if config.num_samples != 1:
         raise ConfigError("the qa task generates one answer per question; num_samples must be 1")
     context_length = lm.model.config.block_size
@@ -316,11 +289,8 @@ def run_qa(lm: LanguageModel, data: DataPaths, *, limit: int | None = None, prog
         prompts.append(ids)
         truncated += dropped > 0
         gold.append(qa_answers(record, number))
-    bar = progress_bar(len(prompts), "eval qa", unit="question", enabled=progress)
-    try:
-        generations = generate_ids(lm.model, lm.tokenizer, prompts, config, batch_size, bar)
-    finally:
-        bar.close()
+    with progress_bar(len(prompts), "eval qa", unit="question", enabled=progress) as bar:
+        generations = complete_ids(lm.model, lm.tokenizer, prompts, config, batch_size, bar)
     predictions = [g.text.strip() for g in generations]
     samples = [{"question": r["question"], "prediction": p, "answers": a}
                for r, p, a in zip(records[:SAMPLES_IN_REPORT], predictions, gold)]
@@ -331,102 +301,6 @@ def run_qa(lm: LanguageModel, data: DataPaths, *, limit: int | None = None, prog
 # ------------------------------------------------------------------------------------------
 # Zero-shot classification by label likelihood
 # ------------------------------------------------------------------------------------------
-def _split_template(template: str) -> tuple[str, str, str]:
-    """(prompt with {text}, the spaces that start the label, what follows the label)."""
-    if template.count("{text}") != 1 or template.count("{label}") != 1 or \
-            template.index("{label}") < template.index("{text}"):
-        raise ConfigError(f"a classification template needs one {{text}} and after it one {{label}}, e.g. "
-                          f"{CLASSIFICATION_TEMPLATE!r}; got {template!r}")
-    before, after = template.split("{label}")
-    prompt = before.rstrip(" ")
-    return prompt, before[len(prompt):], after
-
-
-LOGIT_BUDGET = 1 << 26  # logits (rows * tokens * vocabulary) computed per forward pass
-
-
-def label_scores(lm: Any, texts: Sequence[str], labels: Sequence[str], template: str = CLASSIFICATION_TEMPLATE,
-                 normalize: bool = False, progress: Any = None) -> torch.Tensor:
-    """Log-likelihood of each candidate label given each text: a float tensor (N texts, L labels).
-
-    Entry ``[i, j]`` is log P(label j | prompt i) in nats: the sum of the log-probabilities of the
-    label's tokens after ``template`` filled with text ``i`` up to ``{label}`` (and after the
-    start-of-document token, as :meth:`LanguageModel.token_logprobs` scores texts); with
-    ``normalize`` the mean per label token instead. The template's spaces before ``{label}`` and
-    anything after it are scored with the label. Texts too long for the context lose their start.
-    All N x L sequences run in batched forward passes of ``lm.model`` (``lm`` needs only ``model``
-    and ``tokenizer`` attributes, so a training loop can pass its own).
-    """
-    return _label_scores(lm.model, lm.tokenizer, texts, labels, template, normalize, progress)[0]
-
-
-def _label_scores(model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence[str], labels: Sequence[str],
-                  template: str, normalize: bool, progress: Any = None) -> tuple[torch.Tensor, int]:
-    if isinstance(texts, str) or isinstance(labels, str):
-        raise DataError("label_scores takes lists of texts and of labels")
-    if not texts or not labels:
-        raise DataError("label_scores needs at least one text and one label")
-    prompt_template, space, after = _split_template(template)
-    label_ids = [tokenizer.encode(space + str(label) + after) for label in labels]
-    if any(not ids for ids in label_ids):
-        raise DataError("a candidate label is empty")
-    context = model.config.block_size
-    head = list(tokenizer.start_ids)
-    longest = max(map(len, label_ids))
-    room = context + 1 - len(head) - longest  # the model reads every token but the last
-    if room < 1:
-        raise DataError(f"a label of {longest} tokens does not fit the model's context of {context}")
-    prompts, truncated = [], 0
-    for text in texts:
-        body = tokenizer.encode(prompt_template.replace("{text}", text))
-        if len(body) > room:
-            body, truncated = body[len(body) - room:], truncated + 1
-        prompts.append(head + body)
-    # Every (text, label) pair is one sequence; similar lengths share a forward pass.
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(label_ids))]
-    pairs.sort(key=lambda p: len(prompts[p[0]]) + len(label_ids[p[1]]))
-    scores = torch.empty(len(prompts), len(label_ids), dtype=torch.float64)
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    pad = tokenizer.pad_id or 0
-    start = 0
-    with eval_mode(model), torch.inference_mode():
-        while start < len(pairs):
-            T = len(prompts[pairs[start][0]]) + len(label_ids[pairs[start][1]]) - 1
-            rows = 1
-            while start + rows < len(pairs):  # grow the chunk while its logits fit the budget
-                i, j = pairs[start + rows]
-                T_next = max(T, len(prompts[i]) + len(label_ids[j]) - 1)
-                if (rows + 1) * T_next * vocab > LOGIT_BUDGET:
-                    break
-                rows, T = rows + 1, T_next
-            chunk = pairs[start:start + rows]
-            K = max(len(label_ids[j]) for _, j in chunk)
-            inputs = torch.full((rows, T), pad, dtype=torch.long)       # right-padded: causal attention
-            positions = torch.zeros((rows, K), dtype=torch.long)        # never lets padding reach
-            targets = torch.zeros((rows, K), dtype=torch.long)          # the positions we read
-            mask = torch.zeros((rows, K), dtype=torch.bool)
-            for row, (i, j) in enumerate(chunk):
-                sequence = prompts[i] + label_ids[j]
-                inputs[row, :len(sequence) - 1] = torch.tensor(sequence[:-1])
-                n, first = len(label_ids[j]), len(prompts[i]) - 1
-                positions[row, :n] = torch.arange(first, first + n)
-                targets[row, :n] = torch.tensor(label_ids[j])
-                mask[row, :n] = True
-            logits = model(inputs.to(device))                                       # (B, T, V)
-            picked = logits[torch.arange(rows, device=device)[:, None], positions.to(device)]  # (B, K, V)
-            logprobs = picked.float().log_softmax(-1).gather(-1, targets.to(device)[..., None])[..., 0]
-            logprobs = (logprobs.double().cpu() * mask).sum(-1)                      # (B,)
-            if normalize:
-                logprobs = logprobs / mask.sum(-1)
-            for row, (i, j) in enumerate(chunk):
-                scores[i, j] = logprobs[row]
-            if progress is not None:
-                progress.update(rows)
-            start += rows
-    return scores, truncated
-
-
 def run_classification(lm: LanguageModel, data: DataPaths, *, limit: int | None = None, progress: bool = True,
                        labels: Sequence[str] | None = None, label_names: dict[Any, str] | None = None,
                        text_field: FieldName | Sequence[FieldName] | None = None, label_field: FieldName = "label",
@@ -476,11 +350,8 @@ def run_classification(lm: LanguageModel, data: DataPaths, *, limit: int | None 
     if len(candidates) < 2:
         raise DataError(f"classification needs at least two candidate labels, got {candidates}")
     texts = [text for text, _ in pairs]
-    bar = progress_bar(len(texts) * len(candidates), "eval classification", unit="score", enabled=progress)
-    try:
-        scores, truncated = _label_scores(lm.model, lm.tokenizer, texts, candidates, template, normalize, bar)
-    finally:
-        bar.close()
+    with progress_bar(len(texts) * len(candidates), "eval classification", unit="score", enabled=progress) as bar:
+        scores, truncated = label_logprobs(lm.model, lm.tokenizer, texts, candidates, template, normalize, bar)
     predictions = [candidates[k] for k in scores.argmax(-1).tolist()]
     samples = [{"text": t[:200], "prediction": p, "label": g}
                for t, p, g in zip(texts[:SAMPLES_IN_REPORT], predictions, gold)]
@@ -495,7 +366,6 @@ def run_classification(lm: LanguageModel, data: DataPaths, *, limit: int | None 
 def read_prompts(data: DataPaths, tokenizer: Tokenizer) -> list[list[int]]:
     """Prompt ids from files: plain text, one prompt per non-empty line; JSON(L) records with a
     ``prompt`` or ``text`` field, or chat/alpaca records (their conversation up to the last answer)."""
-    head = tokenizer.start_ids if tokenizer.adds_bos else []
     prompts = []
     for path in data_paths(data):
         if path.suffix not in (".jsonl", ".json"):
@@ -503,12 +373,12 @@ def read_prompts(data: DataPaths, tokenizer: Tokenizer) -> list[list[int]]:
                 lines = path.read_text(encoding="utf-8").splitlines()
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path} is not UTF-8 text: {exc}") from None
-            prompts += [head + tokenizer.encode(line) for line in lines if line.strip()]
+            prompts += [encode_prompt(tokenizer, line) for line in lines if line.strip()]
             continue
         for number, record in enumerate(read_records(path), 1):
             if "prompt" in record or "text" in record:
                 field = "prompt" if "prompt" in record else "text"
-                prompts.append(head + tokenizer.encode(_text(record[field], f"field {field!r}", number)))
+                prompts.append(encode_prompt(tokenizer, _text(record[field], f"field {field!r}", number)))
             else:
                 try:
                     prompts.append(prompt_and_reference(record, record_format([record]), tokenizer)[0])
@@ -525,18 +395,15 @@ def run_diversity(lm: LanguageModel, data: DataPaths = None, *, limit: int | Non
     token ids), ``self_bleu`` and ``mean_new_tokens``."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise ConfigError(f"the diversity task needs num_samples >= 2, not {num_samples!r}")
-    config = make_sampling(None, **{"temperature": 1.0, "seed": 0, "max_new_tokens": 64, **sampling})
+    config = SamplingConfig.from_options(None, **{"temperature": 1.0, "seed": 0, "max_new_tokens": 64, **sampling})
     if config.num_samples != 1:
         raise ConfigError("give the diversity task's sample count as num_samples")
     prompts = _limited(read_prompts(data, lm.tokenizer), limit) if data is not None else [[]]
     if not prompts:
         raise DataError("the diversity prompts file holds no prompts")
     rows = [prompts[k % len(prompts)] for k in range(num_samples)]
-    bar = progress_bar(len(rows), "eval diversity", unit="sample", enabled=progress)
-    try:
-        generations = generate_ids(lm.model, lm.tokenizer, rows, config, batch_size, bar)
-    finally:
-        bar.close()
+    with progress_bar(len(rows), "eval diversity", unit="sample", enabled=progress) as bar:
+        generations = complete_ids(lm.model, lm.tokenizer, rows, config, batch_size, bar)
     texts = [g.text for g in generations]
     ids = [g.token_ids for g in generations]
     results = {"distinct_1": M.distinct_n(texts, 1), "distinct_2": M.distinct_n(texts, 2),
@@ -572,14 +439,6 @@ def task_options(task: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-_OPTION_TYPES: dict[str, tuple[type, ...]] = {  # sampling options are checked by SamplingConfig
-    "batch_size": (int,), "num_samples": (int,), "stride": (int,), "normalize": (bool,), "template": (str,),
-    "format": (str,), "prompt_template": (str,), "reference_field": (str,), "labels": (list, tuple),
-    "label_names": (dict,), "label_field": (str, int), "text_field": (str, int, list, tuple), "beam_size": (int,),
-    "mbr": (str,),
-}
-
-
 def check_options(task: str, options: dict[str, Any]) -> None:
     """Raise ConfigError for an option the task does not take, or a value of the wrong type."""
     import difflib
@@ -590,15 +449,7 @@ def check_options(task: str, options: dict[str, Any]) -> None:
             close = difflib.get_close_matches(name, allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"the {task} task has no option {name!r}{hint}; its options: {', '.join(allowed)}")
-        types = _OPTION_TYPES.get(name)
-        if task == "perplexity" and name == "text_field":
-            types = (str,)
-        if value is not None and types and (not isinstance(value, types) or
-                                            (isinstance(value, bool) and bool not in types)):
-            words = {"int": "a whole number", "str": "text", "bool": "true or false", "list": "a list",
-                     "tuple": "a list", "dict": "a mapping"}
-            kinds = " or ".join(dict.fromkeys(words[k.__name__] for k in types))
-            raise ConfigError(f"option {name} of the {task} task must be {kinds}, not {value!r}")
+        check_option_type(task, name, value)
 
 
 def _runner(task: str) -> Callable[..., dict[str, Any]]:
@@ -680,8 +531,6 @@ def format_table(reports: Sequence[dict[str, Any]]) -> str:
 
 def write_report(path: str | Path, reports: Sequence[dict[str, Any]], **extra: Any) -> Path:
     """Write ``{"lmforge_version", **extra, "reports": [...]}`` as JSON to ``path``, atomically."""
-    from lmforge import __version__
-
     check_output_file(path)
     document = {"lmforge_version": __version__, **extra, "reports": list(reports)}
     atomic_write_text(path, json.dumps(document, indent=2, ensure_ascii=False, default=str) + "\n")

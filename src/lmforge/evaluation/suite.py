@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lmforge.config import SamplingConfig
 from lmforge.errors import ConfigError, DataError
-from lmforge.evaluation.generation import make_sampling
 from lmforge.evaluation.harness import (
-    _SAMPLING_FIELDS,
     TASK_METRICS,
     TASKS,
     DataPaths,
@@ -44,7 +43,9 @@ from lmforge.evaluation.harness import (
     task_options,
     write_report,
 )
+from lmforge.evaluation.options import check_option_type
 from lmforge.fileio import check_output_file
+from lmforge.options import field_names
 
 if TYPE_CHECKING:
     from lmforge.api import LanguageModel
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 SUITE_KEYS = ("tasks",)
 TASK_KEYS = ("task", "name", "data", "limit", "min", "max")  # and the task's own options
+_SAMPLING = field_names(SamplingConfig)  # the options SamplingConfig checks; the others: evaluation.options
 
 
 @dataclass
@@ -120,9 +122,11 @@ def load_suite(path: str | Path) -> list[SuiteTask]:
                 raise ConfigError(f"{where}: unknown key {key!r}{hint}; a {task} task takes {', '.join(allowed)}")
         try:
             limit = check_limit(entry.get("limit"))
-            sampling = {k: v for k, v in options.items() if k in _SAMPLING_FIELDS}
+            for key, value in options.items():
+                check_option_type(task, key, value)
+            sampling = {k: v for k, v in options.items() if k in _SAMPLING}
             if sampling:
-                make_sampling(None, **sampling)
+                SamplingConfig.from_options(**sampling)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         data = entry.get("data")

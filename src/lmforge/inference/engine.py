@@ -69,6 +69,7 @@ from lmforge.config import SamplingConfig
 from lmforge.errors import ConfigError, RequestError
 from lmforge.inference.detokenize import TextStream
 from lmforge.inference.prefix_cache import PrefixCache, PrefixHit
+from lmforge.inference.prompts import context_error
 from lmforge.inference.sampling import pick_next
 from lmforge.models.cpu_attention import kernel_available
 from lmforge.models.cpu_linear import kernel_available as linear_kernel_available
@@ -362,9 +363,7 @@ class Engine:
             raise RequestError(f"token ids must be in [0, {self.vocab_size})")
         room = self.block_size - len(prompt)
         if room < 1:
-            raise RequestError(f"the prompt is {len(prompt)} tokens long but the model's context is "
-                               f"{self.block_size} tokens, with room needed for at least one new token; "
-                               "shorten the prompt")
+            raise context_error("prompt", len(prompt), self.block_size, "prompt", 1, "; shorten the prompt")
         seen = None
         if sampling.repetition_penalty != 1.0:
             seen = torch.zeros((1, self.vocab_size), dtype=torch.bool, device=self.device)

@@ -25,6 +25,16 @@ from lmforge.tokenizer import Tokenizer
 # ------------------------------------------------------------------------------------------
 # Classification
 # ------------------------------------------------------------------------------------------
+@dataclass
+class Classification:
+    """Scores of a text's candidate labels: probabilities that sum to 1 (single-label), or one
+    independent probability per label (multi-label)."""
+
+    scores: dict[str, float]
+    label: str                  # the most likely label
+    labels: list[str]           # multi-label: the labels over their thresholds; else [label]
+
+
 def classification_probabilities(logits: Tensor, multi_label: bool) -> Tensor:
     """(B, L) logits -> (B, L) probabilities: a softmax over labels, or one sigmoid per label."""
     return logits.sigmoid() if multi_label else logits.softmax(-1)

@@ -34,7 +34,6 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 from torch import Tensor
 
-import lmforge
 from lmforge.config import ModelConfig
 from lmforge.device import DTYPES
 from lmforge.errors import CheckpointError, ConfigError
@@ -54,6 +53,7 @@ from lmforge.training.checkpoint import (
     save_weights_checkpoint,
     unique_state,
 )
+from lmforge.version import __version__
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -449,7 +449,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> P
                    if role != "unk"}
     hf_config = {**arch.write_config(config), **special_ids, "dtype": HF_DTYPE_NAMES[dtype],
                  "torch_dtype": HF_DTYPE_NAMES[dtype],
-                 "lmforge_version": lmforge.__version__}
+                 "lmforge_version": __version__}
     generation = {**special_ids, "do_sample": False}
     tokenizer_config = {**tokenizer.config_dict(), "model_max_length": config.block_size,
                         "add_bos_token": tokenizer.adds_bos, "add_eos_token": False}

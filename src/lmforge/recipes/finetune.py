@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch import nn
 
-from lmforge.config import FinetuneConfig, to_dict
+from lmforge.config import FinetuneConfig, check_task_scope, to_dict
 from lmforge.data.formats import DEFAULT_CHAT_TEMPLATE, read_records, record_format
 from lmforge.data.supervised import EncodedSet, SupervisedBatches, collate, encode_set, split_records
 from lmforge.data.tasks import detect_task
@@ -116,14 +116,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     the task models in :mod:`lmforge.recipes.tasks`."""
     config.validate()
     task = resolve_task(config)
-    if config.ngram_buckets and task != "classification":
-        raise ConfigError(f"ngram_buckets adds an n-gram bag to a classifier; this is a {task} run")
-    if config.question_match and task != "qa":
-        raise ConfigError(f"question_match marks question words in QA contexts; this is a {task} run")
-    if config.train.rdrop and task not in ("seq2seq", "classification"):
-        raise ConfigError(f"train.rdrop is for seq2seq and classification fine-tuning; this is a {task} run")
-    if config.data.bpe_dropout and task != "seq2seq":
-        raise ConfigError(f"data.bpe_dropout is for seq2seq fine-tuning; this is a {task} run")
+    check_task_scope(config, task)  # e.g. ngram_buckets outside classification
     if task != "sft":
         from lmforge.recipes.tasks import finetune_task
 

@@ -32,13 +32,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge.api import LanguageModel
 from lmforge.errors import LmforgeError
 from lmforge.inference.engine import Engine
+from lmforge.inference.prompts import encode_prompt
 from lmforge.serving import completions, tasks
 from lmforge.serving.errors import APIError, from_lmforge_error
-from lmforge.serving.generation import EventRelay
 from lmforge.serving.metrics import CONTENT_TYPE_LATEST
 from lmforge.serving.middleware import ServingMiddleware
+from lmforge.serving.relay import EventRelay
 from lmforge.serving.schemas import DetokenizeRequest, TokenizeRequest
-from lmforge.serving.state import ServerState, authorize, engine_decodes, server_of
+from lmforge.serving.state import ServerState, authorize, server_of
 
 if TYPE_CHECKING:
     from lmforge.serving.request_log import RequestLog
@@ -87,7 +88,7 @@ def create_app(model: LanguageModel | Callable[[], LanguageModel], *, api_key: s
 
     def publish(lm: LanguageModel, engine: Engine) -> None:
         server.metrics.watch(engine)
-        task_model = tasks.PromptTasks if engine_decodes(lm) else tasks.CheckpointTasks
+        task_model = tasks.PromptTasks if lm.adapter.engine_decodes else tasks.CheckpointTasks
         server.lm, server.engine, server.tasks = lm, engine, task_model(lm, engine)
 
     def load_and_serve(loop: asyncio.AbstractEventLoop) -> None:
@@ -161,8 +162,11 @@ def create_app(model: LanguageModel | Callable[[], LanguageModel], *, api_key: s
     async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
         lm, _ = server_of(request).ready()
         tokenizer = lm.tokenizer
-        head = tokenizer.start_ids if body.add_special_tokens and (tokenizer.adds_bos or not body.prompt) else []
-        tokens = head + (tokenizer.encode(body.prompt) if body.prompt else [])
+        try:  # the prompt's ids as /v1/completions reads them, or (without special tokens) the bare text's
+            tokens = encode_prompt(tokenizer, body.prompt) if body.add_special_tokens else \
+                (tokenizer.encode(body.prompt) if body.prompt else [])
+        except LmforgeError as exc:  # text the tokenizer cannot encode (also refused by TokenizeRequest)
+            raise APIError(400, str(exc), param="prompt") from None
         return {"tokens": tokens, "count": len(tokens), "max_model_len": lm.context_length}
 
     @app.post("/detokenize", dependencies=[Depends(authorize)])
@@ -179,6 +183,18 @@ def create_app(model: LanguageModel | Callable[[], LanguageModel], *, api_key: s
 
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error as OpenAI's JSON body: validation errors are 400s, library errors 4xx, the rest 500."""
+    # The names pydantic gives the members of a union in an error's location (``prompt.str``,
+    # ``stop.list[str]``): not fields, so left out of the ``param`` an error names.
+    union_tags = {"str", "int", "float", "bool", "none", "bytes", "list", "dict", "tuple", "set"}
+
+    def field_path(error: dict[str, Any]) -> str:
+        """The dotted path of the field a validation error is about (``messages.0.content``)."""
+        parts = [str(part) for part in error.get("loc", ()) if part != "body"]
+        for i, part in enumerate(parts):
+            if part in union_tags or "[" in part or part.startswith(("function-", "constrained-")):
+                parts = parts[:i]
+                break
+        return ".".join(parts)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -188,13 +204,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
+        elif isinstance((first.get("ctx") or {}).get("param"), str):  # a body-wide check naming its field
+            message, param = str(first.get("msg", "invalid")), first["ctx"]["param"]
         else:
-            param = ".".join(loc) or None
-            message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
-                                f"{e.get('msg', 'invalid')}" for e in errors[:5])
+            param = field_path(first) or None
+            lines = dict.fromkeys(f"{field_path(e) or 'body'}: {e.get('msg', 'invalid')}" for e in errors[:5])
+            message = "; ".join(lines)
         return APIError(400, message, param=param, code=first.get("type")).response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -14,10 +14,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from lmforge.inference.engine import Result, TextEvent, TokenEvent, TokenLogprob
+from lmforge.serving.engine_requests import (
+    EngineRequests,
+    decoding_engine,
+    encode_engine_prompt,
+    engine_prompt,
+    sampling_options,
+)
 from lmforge.serving.errors import APIError
-from lmforge.serving.generation import Generation, encode_prompt, sampling_options
 from lmforge.serving.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
-from lmforge.serving.state import authorize, server_of, set_usage
+from lmforge.serving.state import authorize, set_usage
 from lmforge.tokenizer import Tokenizer
 
 __all__ = ["router"]
@@ -27,18 +33,16 @@ router = APIRouter(dependencies=[Depends(authorize)])
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
-    server = server_of(request)
-    server.check_model(body.model)
-    lm, engine = server.generator()
+    server, lm, engine = decoding_engine(request, body)
     if body.echo or body.suffix:
         raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise APIError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
     sampling = sampling_options(body, body.max_tokens)
-    encoded = [encode_prompt(lm, p) for p in prompts]
+    encoded = [encode_engine_prompt(lm, p) for p in prompts]
     set_usage(request, prompt_tokens=sum(map(len, encoded)), prompt="\n".join(prompts))
-    generation = Generation(server, request, engine, encoded, sampling, body.n, body.logprobs)
+    generation = EngineRequests(server, request, engine, encoded, sampling, body.n, body.logprobs)
     reply = _Reply("completion", server.name, sum(map(len, encoded)), lm.tokenizer,
                    [len(prompts[i // body.n]) for i in range(len(generation.handles))])
     return await reply.send(generation, body)
@@ -46,9 +50,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    server = server_of(request)
-    server.check_model(body.model)
-    lm, engine = server.generator()
+    server, lm, engine = decoding_engine(request, body)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
     try:
@@ -56,16 +58,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                     for m in body.messages]
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from None
-    ids = lm.chat_prompt(messages)
-    if len(ids) >= lm.context_length:
-        raise APIError(400, f"the conversation is {len(ids)} tokens long but the model's context is "
-                            f"{lm.context_length} tokens, with room needed for at least one new token",
-                       param="messages", code="context_length_exceeded")
+    ids = engine_prompt(lm, lm.chat_prompt(messages), what="conversation", param="messages")
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = sampling_options(body, lm.context_length if limit is None else limit)
     set_usage(request, prompt_tokens=len(ids), prompt=json.dumps(messages, ensure_ascii=False))
-    generation = Generation(server, request, engine, [ids], sampling, body.n,
-                            (body.top_logprobs or 0) if body.logprobs else None)
+    generation = EngineRequests(server, request, engine, [ids], sampling, body.n,
+                                (body.top_logprobs or 0) if body.logprobs else None)
     reply = _Reply("chat", server.name, len(ids), lm.tokenizer, [0] * len(generation.handles))
     return await reply.send(generation, body)
 
@@ -80,7 +78,7 @@ class _Reply:
         self.created = int(time.time())
         self.object = "text_completion" if kind == "completion" else "chat.completion"
 
-    async def send(self, generation: Generation, body: SamplingFields) -> Any:
+    async def send(self, generation: EngineRequests, body: SamplingFields) -> Any:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._stream(generation, include_usage, body.n), media_type="text/event-stream",
@@ -139,7 +137,7 @@ class _Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice],
                 **({"usage": None} if usage else {})}
 
-    async def _stream(self, generation: Generation, include_usage: bool, n: int) -> AsyncIterator[str]:
+    async def _stream(self, generation: EngineRequests, include_usage: bool, n: int) -> AsyncIterator[str]:
         """Text (or chat deltas) as it becomes final, with the log-probabilities of the tokens behind it; a
         last chunk per choice with its ``finish_reason``; with ``include_usage`` a final chunk with empty
         choices and the usage; then ``[DONE]``. An error after the stream began is an error event."""

@@ -11,13 +11,11 @@ from fastapi import Request
 
 from lmforge.serving.errors import APIError
 from lmforge.serving.metrics import ServerMetrics
+from lmforge.serving.relay import EventRelay
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # lower layers, for annotations only
     from lmforge.api import LanguageModel
     from lmforge.inference.engine import Engine
-    from lmforge.serving.generation import EventRelay
-    from lmforge.serving.request_log import RequestLog
-    from lmforge.serving.tasks import TaskModel
 
 __all__ = ["ServerState", "authorize", "server_of", "set_usage"]
 
@@ -31,11 +29,11 @@ class ServerState:
     request_timeout: float | None = None   # seconds a generation may take; None: no limit
     max_body_bytes: int = 1 << 20
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
-    request_log: RequestLog | None = None
+    request_log: Any = None                 # a serving.request_log.RequestLog, or None: nothing recorded
     created: int = 0
     lm: LanguageModel | None = None
     engine: Engine | None = None
-    tasks: TaskModel | None = None
+    tasks: Any = None                        # the serving.tasks.TaskModel behind the task endpoints
     relay: EventRelay | None = None          # engine thread -> event loop; made when the app starts
     load_error: str | None = None
 
@@ -46,34 +44,11 @@ class ServerState:
             raise APIError(503, message, code="model_not_ready", headers={"Retry-After": "1"})
         return self.lm, self.engine
 
-    def generator(self) -> tuple[LanguageModel, Engine]:
-        """:meth:`ready`, and a 400 unless the engine can decode the model (a decoder language model)."""
-        lm, engine = self.ready()
-        if not engine_decodes(lm):
-            raise APIError(400, f"this server's model cannot be served by the continuous-batching engine (it is a "
-                                f"{lm.model.config.family} {lm.kind.replace('_', ' ')}); its endpoints: "
-                                f"{', '.join(task_routes(lm))}", code="unsupported_model")
-        return lm, engine
-
     def check_model(self, model: str | None) -> None:
         """A request naming another model is a 404 (OpenAI's answer)."""
         if model is not None and model != self.name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
-
-
-def engine_decodes(lm: LanguageModel) -> bool:
-    """Whether the continuous-batching engine generates with this model (decoder language models)."""
-    return lm.kind == "causal_lm" and lm.model.config.family == "decoder"
-
-
-TASK_ROUTES = {"classify": "/v1/classify", "answer": "/v1/answer", "translate": "/v1/translate",
-               "summarize": "/v1/summarize", "generate": "/v1/generate"}
-
-
-def task_routes(lm: LanguageModel) -> list[str]:
-    """The task endpoints that serve what ``lm`` can do."""
-    return [route for method, route in TASK_ROUTES.items() if method in lm.capabilities]
 
 
 def server_of(request: Request) -> ServerState:

@@ -28,13 +28,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import lmforge
 from lmforge.config import LoraConfig, to_dict
 from lmforge.errors import CheckpointError
 from lmforge.fileio import atomic_directory, atomic_write_text, recover_directory
 from lmforge.models import build_model, config_from_dict
 from lmforge.models.lora import apply_lora, has_lora, load_lora_state_dict, lora_state_dict
 from lmforge.tokenizer import Tokenizer
+from lmforge.version import __version__
 
 FORMAT = "lmforge-checkpoint-v1"
 MODEL_FILE = "model.safetensors"
@@ -78,7 +78,7 @@ def save_weights_checkpoint(path: str | Path, model_config: Any, state: dict[str
                             info: dict[str, Any] | None = None, weights_file: str = MODEL_FILE) -> Path:
     """Write a checkpoint from a model config and its weights (a tied head stored once), atomically."""
     path = Path(path)
-    config = {**(info or {}), "format": FORMAT, "lmforge_version": lmforge.__version__,
+    config = {**(info or {}), "format": FORMAT, "lmforge_version": __version__,
               "family": model_config.family, "model": to_dict(model_config)}
 
     def fill(folder: Path) -> None:

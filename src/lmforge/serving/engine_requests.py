@@ -1,9 +1,10 @@
-"""From HTTP requests to engine requests and back: sampling options, submission, and awaiting events.
+"""From HTTP requests to engine requests and back: sampling options, prompt ids, submission, and
+awaiting events.
 
-Each engine request's events are carried to the event loop by a small reader thread per request
-(``RequestHandle.next_event`` blocks), so the loop never blocks and concurrency is not limited by a
-thread pool. Whoever awaits the events cancels the engine requests when it is itself cancelled (the
-client went away) or runs past the server's request timeout, which frees their batch slots at once.
+Each engine request's events reach the event loop through the server's :class:`~.relay.EventRelay`, so
+the loop never blocks and concurrency is not limited by a thread pool. Whoever awaits the events cancels
+the engine requests when it is itself cancelled (the client went away) or runs past the server's request
+timeout, which frees their batch slots at once.
 """
 
 from __future__ import annotations
@@ -11,22 +12,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 
 from fastapi import Request
 
-from lmforge.api import LanguageModel, sampling_config
+from lmforge.api import LanguageModel
 from lmforge.config import SamplingConfig
-from lmforge.errors import LmforgeError, RequestError
+from lmforge.errors import LmforgeError
 from lmforge.inference.engine import Engine, RequestHandle, Result, TokenEvent
-from lmforge.serving.errors import APIError, from_lmforge_error
+from lmforge.inference.prompts import encode_prompt, fit_prompt
+from lmforge.serving.errors import APIError, check_max_tokens, from_lmforge_error
+from lmforge.serving.relay import EventRelay
 from lmforge.serving.schemas import SamplingFields
-from lmforge.serving.state import ServerState, set_usage
+from lmforge.serving.state import ServerState, server_of, set_usage
 
-__all__ = ["EventRelay", "Generation", "encode_prompt", "sampling_options"]
+__all__ = ["EngineRequests", "decoding_engine", "engine_prompt", "sampling_options"]
+
+#: The task endpoints, by the :class:`LanguageModel` method each serves.
+TASK_ROUTES = {"classify": "/v1/classify", "answer": "/v1/answer", "translate": "/v1/translate",
+               "summarize": "/v1/summarize", "generate": "/v1/generate"}
 
 
 def sampling_options(body: SamplingFields, max_tokens: int | None) -> SamplingConfig:
@@ -45,52 +50,45 @@ def sampling_options(body: SamplingFields, max_tokens: int | None) -> SamplingCo
         "ignore_eos": body.ignore_eos,
     }
     try:
-        return sampling_config(options)
+        return SamplingConfig.from_options(None, **options)
     except LmforgeError as exc:
         raise APIError(400, str(exc)) from None
 
 
-def encode_prompt(lm: LanguageModel, prompt: str, param: str = "prompt") -> list[int]:
-    """Token ids of a prompt, or a 400 when it leaves no room in the context for a new token."""
-    try:
-        ids, _ = lm.encode_prompt(prompt)
-        size = len(ids)
-    except RequestError:  # longer than the context (so not empty: no start-of-document token unless bos)
-        ids, size = [], len(lm.tokenizer.encode(prompt)) + (1 if lm.tokenizer.adds_bos else 0)
-    if size >= lm.context_length:
-        raise APIError(400, f"the {param} is {size} tokens long but the model's context is {lm.context_length} "
-                            "tokens, with room needed for at least one new token; shorten it",
-                       param=param, code="context_length_exceeded")
-    return ids
+def engine_prompt(lm: LanguageModel, ids: list[int], what: str = "prompt", param: str = "prompt") -> list[int]:
+    """Prompt ids as the engine takes them: they must leave room for one new token (the engine has no
+    sliding window), else a 400 ``context_length_exceeded`` naming ``param``."""
+    return fit_prompt(ids, lm.tokenizer, lm.context_length, room=1, what=what, param=param,
+                      hint="; shorten it").ids
 
 
-class EventRelay:
-    """Carries events from the engine's thread to asyncio queues on one loop, in order, waking the loop
-    once per burst: the first event of a burst schedules a drain, later ones join it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self._items: deque[tuple[asyncio.Queue, object]] = deque()
-        self._lock = threading.Lock()
-        self._scheduled = False
-
-    def push(self, queue: asyncio.Queue, item: object) -> None:
-        """Any thread: deliver ``item`` to ``queue`` soon (raises RuntimeError once the loop is closed)."""
-        with self._lock:
-            self._items.append((queue, item))
-            if self._scheduled:
-                return
-            self._scheduled = True
-        self.loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        with self._lock:
-            items, self._items, self._scheduled = self._items, deque(), False
-        for queue, item in items:
-            queue.put_nowait(item)
+def encode_engine_prompt(lm: LanguageModel, prompt: str, param: str = "prompt") -> list[int]:
+    """:func:`engine_prompt` of a prompt text (:func:`~lmforge.inference.prompts.encode_prompt`)."""
+    return engine_prompt(lm, encode_prompt(lm.tokenizer, prompt), param=param)
 
 
-class Generation:
+def task_routes(lm: LanguageModel) -> list[str]:
+    """The task endpoints that serve what ``lm`` can do."""
+    return [route for method, route in TASK_ROUTES.items() if method in lm.capabilities]
+
+
+def decoding_engine(request: Request, body: SamplingFields) -> tuple[ServerState, LanguageModel, Engine]:
+    """The server, its model and engine for a generation request: a 404 when ``body`` names another model,
+    a 503 while the model loads, a 400 unless the engine can decode it (a decoder language model) or when
+    ``max_tokens`` (or ``max_completion_tokens``) is beyond its context."""
+    server = server_of(request)
+    server.check_model(body.model)
+    lm, engine = server.ready()
+    if not lm.adapter.engine_decodes:
+        raise APIError(400, f"this server's model cannot be served by the continuous-batching engine (it is a "
+                            f"{lm.model.config.family} {lm.kind.replace('_', ' ')}); its endpoints: "
+                            f"{', '.join(task_routes(lm))}", code="unsupported_model")
+    for param in ("max_tokens", "max_completion_tokens"):
+        check_max_tokens(getattr(body, param, None), lm.context_length, param)
+    return server, lm, engine
+
+
+class EngineRequests:
     """The engine requests of one HTTP request (each prompt ``n`` times, seeds ``seed + i``), awaited from
     the event loop. Creating it submits them, all or nothing: a refusal (full queue, bad options) cancels
     what was already submitted and raises as an :class:`APIError`.

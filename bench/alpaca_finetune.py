@@ -6,8 +6,10 @@
 2. ``../shared/data/alpaca/train.jsonl`` (4,500 records): every 10th record is held out (450), the
    rest trains. Responses are rendered through lmforge's default chat template; the loss (and the
    held-out perplexity) covers the response tokens and the end-of-sequence token only.
-3. Full fine-tuning, LoRA (r=8, alpha 16) on q, k, v, o, and LoRA on every linear layer (attention,
-   MLP, head), each for ``--steps`` steps of 16 examples, through ``lmforge.recipes.finetune``; then
+3. Full fine-tuning (the shipped ``alpaca-sft`` recipe), LoRA (r=8, alpha 16) on q, k, v, o, and LoRA on
+   every linear layer (attention, MLP, head: the ``alpaca-sft-lora`` recipe), each for ``--steps`` steps
+   of 16 examples (this script's default 400; the recipes' 300, as in docs/benchmarks.md), through
+   ``lmforge.recipes.finetune`` (``lmforge finetune BASE --recipe alpaca-sft ...``); then
    for each model: held-out response perplexity and greedy answers to 100 held-out prompts (how many
    end with the end-of-sequence token, ROUGE-L).
 
@@ -25,34 +27,35 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import FinetuneConfig, LoraConfig, ModelConfig, PretrainConfig, TrainConfig
+from lmforge.config import FinetuneConfig
 from lmforge.corpus import write_default_corpus
 from lmforge.data.formats import DEFAULT_CHAT_TEMPLATE, read_records
-from lmforge.data.shards import prepare
-from lmforge.data.sources import iter_texts
 from lmforge.data.supervised import encode_set, split_records
 from lmforge.evaluation.harness import generation_examples, generation_metrics
 from lmforge.models.lora import count_trainable
-from lmforge.options import build_dataclass
+from lmforge.options import build_dataclass, deep_merge
+from lmforge.recipes.catalog import recipe_values
 from lmforge.recipes.finetune import ExampleLossEvaluator, finetune
-from lmforge.recipes.pretrain import pretrain
+from lmforge.recipes.pipeline import pretrain_from_text
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.checkpoint import load_model, resolve_checkpoint
 from lmforge.training.distributed import DistContext
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "train.jsonl"
+RUNS = {  # a shipped recipe and what this run changes in it
+    "full": ("alpaca-sft", {}),  # lr 5e-4
+    "lora": ("alpaca-sft-lora", {"lora": {"targets": ["q", "k", "v", "o"]}, "train": {"lr": 2e-3}}),
+    "lora-all": ("alpaca-sft-lora", {}),  # r=8 on every linear layer, lr 3e-3
+}
 
 
 def pretrain_base(work: Path, steps: int) -> Path:
     """Tokenizer, data and a pretrained llama-10m on the default corpus; returns the run directory."""
     corpus = write_default_corpus(work / "corpus.jsonl")
-    if not (work / "tokenizer" / "tokenizer.json").is_file():
-        Tokenizer.train(iter_texts([corpus]), kind="bpe", vocab_size=8192).save(work / "tokenizer")
-    prepare([corpus], work / "tokenizer", work / "data", val_fraction=0.05, progress=False)
-    model = ModelConfig.from_dict({"preset": "llama-10m", "block_size": 256})
-    train = TrainConfig(max_steps=steps, lr=2e-3, warmup_steps=100, batch_size=16, eval_interval=400,
-                        eval_windows=100, final_eval_windows=400, save_interval=400, progress=False)
-    pretrain(PretrainConfig(data=str(work / "data"), out=str(work / "base"), model=model, train=train))
+    values = {"out": str(work / "base"), "model": {"preset": "llama-10m", "block_size": 256},
+              "train": {"max_steps": steps, "lr": 2e-3, "warmup_steps": 100, "batch_size": 16, "eval_interval": 400,
+                        "eval_windows": 100, "final_eval_windows": 400, "save_interval": 400, "progress": False}}
+    pretrain_from_text([corpus], work, values, kind="bpe", vocab_size=8192, val_fraction=0.05, reuse_tokenizer=True)
     return work / "base"
 
 
@@ -70,17 +73,14 @@ def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, val_records: list[dic
             "new_tokens": metrics["mean_new_tokens"]}
 
 
-def run_finetune(work: Path, base: Path, name: str, steps: int, lora: LoraConfig, lr: float) -> tuple[Path, float]:
-    config = build_dataclass(FinetuneConfig, {
-        "checkpoint": str(base), "out": str(work / name),
-        "data": {"path": str(ALPACA), "val_fraction": 0.1},
-        "train": {"max_steps": steps, "lr": lr, "batch_size": 16, "warmup_steps": 20, "eval_interval": 100,
-                  "eval_windows": 150, "save_interval": 0, "progress": False},
-    })
-    config.lora = lora
+def run_finetune(work: Path, base: Path, name: str, steps: int) -> tuple[Path, float, FinetuneConfig]:
+    recipe, changes = RUNS[name]
+    config = build_dataclass(FinetuneConfig, deep_merge(recipe_values(recipe, "finetune"), deep_merge(changes, {
+        "checkpoint": str(base), "out": str(work / name), "data": {"path": str(ALPACA)},
+        "train": {"max_steps": steps, "progress": False}})))
     start = time.perf_counter()
     finetune(config)
-    return work / name, time.perf_counter() - start
+    return work / name, time.perf_counter() - start, config
 
 
 def main() -> None:
@@ -106,11 +106,9 @@ def main() -> None:
     model, tokenizer, _ = load_model(base)
     rows.append(("base (no fine-tuning)", evaluate(model, tokenizer, val_records, args.generations),
                  base_seconds if not args.base else float("nan"), 1.0))
-    runs = {"full": (LoraConfig(), 5e-4), "lora": (LoraConfig(r=8, alpha=16.0), 2e-3),
-            "lora-all": (LoraConfig(r=8, alpha=16.0, targets=["all"]), 3e-3)}
     for name in args.runs.split(","):
-        lora, lr = runs[name]
-        run, seconds = run_finetune(work, base, name, args.steps, lora, lr)
+        run, seconds, config = run_finetune(work, base, name, args.steps)
+        lora = config.lora
         model, tokenizer, _ = load_model(run / "checkpoints" / "final")
         trainable, total = count_trainable(model)  # a loaded LoRA model has only its adapters trainable
         label = "full fine-tuning" if not lora.enabled else f"LoRA r={lora.r} ({','.join(lora.targets)})"

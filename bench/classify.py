@@ -4,17 +4,20 @@ Data (../shared/data): AG News (``train.csv`` 3,600 -> ``test.csv`` 2,000, 4 top
 (``train.tsv``: every 5th row is the test set, 1,384; the other 5,536 train).
 - Baseline: scikit-learn ``TfidfVectorizer`` (word 1-2 grams, sublinear tf) + ``LogisticRegression``
   (C=10), fitted on every training row.
-- lmforge: the encoder from bench/task_pretrain.py fine-tuned with ``FinetuneConfig(checkpoint=...,
-  task="classification")`` for ``--max-time`` seconds (``--pooling``, default mean; ``--dtype``, default
-  fp32; ``--dropout``, default the checkpoint's; ``--rdrop``, R-Drop's weight, default off;
-  ``--group-by-length``, batches of texts of similar length, default off; ``--layer-lr-decay``,
-  layer-wise learning-rate decay, default off; ``--ngram-buckets``, a hashed uni- and bigram bag beside
-  the encoder, default off); every
+- lmforge: the encoder from bench/task_pretrain.py fine-tuned from the shipped ``text-classifier``
+  recipe (``lmforge finetune ENCODER --recipe text-classifier``: mean pooling, 32 texts per step, 50
+  warm-up steps, the best accuracy picks the checkpoint, ...) for ``--max-time`` seconds. Flags without
+  a default of their own take the recipe's value (``--pooling``, ``--best-metric``, ``--ngram-lr``,
+  ``--rdrop``, ``--layer-lr-decay``); where this script's defaults differ from the recipe they are the
+  first runs' (so the commands in docs/benchmarks.md keep their meaning): ``--max-time`` 300 (recipe
+  220), ``--lr`` 3e-4 (1e-4), ``--eval-interval`` 100 (50), ``--dtype`` fp32 (auto), ``--dropout`` the
+  checkpoint's (0.1), no ``--group-by-length`` (on), no ``--ngram-buckets`` (262144, a hashed uni- and
+  bigram bag beside the encoder); every
   10th training row is its ``data.val_path`` and the checkpoint with the best validation
   ``--best-metric`` (default accuracy) is tested. Test accuracy and macro-F1 through
   ``lmforge.evaluation.evaluate(lm, "classification", ...)``.
 - ``--adapt S``: first S seconds of task-adaptive pretraining (the encoder's MLM continued on the
-  training texts, without labels: ``PretrainConfig(init=encoder)``). ``--seeds N``: N fine-tunings
+  training texts, without labels: the ``encoder-tapt`` recipe, ``--init`` the encoder). ``--seeds N``: N fine-tunings
   (seeds 1..N) tested one by one, as an ensemble (mean of their label probabilities) and as a soup
   (the mean of their weights, ``lmforge.training.averaging.average_checkpoints``). With ``--folds``
   member k holds out the k-th tenth of the training rows instead of the same tenth for all, so the
@@ -37,11 +40,12 @@ from collections import Counter
 from pathlib import Path
 
 from lmforge.api import LanguageModel
-from lmforge.config import PretrainConfig, TrainConfig
+from lmforge.config import PretrainConfig
 from lmforge.data.shards import prepare
 from lmforge.evaluation import evaluate
 from lmforge.evaluation.metrics import accuracy, macro_f1
 from lmforge.evaluation.significance import mcnemar, paired_bootstrap
+from lmforge.options import build_dataclass
 from lmforge.recipes.pretrain import pretrain
 from lmforge.training.averaging import average_checkpoints
 from lmforge.training.checkpoint import resolve_checkpoint
@@ -50,16 +54,17 @@ from tasklib import (
     ag_news,
     need,
     print_table,
+    recipe_options,
     run_finetune,
     setup_logging,
     split_off,
     sst2,
-    train_options,
     write_json,
     write_jsonl,
 )
 
 DATASETS = {"ag_news": ag_news, "sst2": sst2}
+RECIPE, ADAPT_RECIPE = "text-classifier", "encoder-tapt"
 
 
 def tfidf_baseline(train: list[dict], test: list[dict]) -> tuple[dict, list[str]]:
@@ -100,17 +105,15 @@ def lmforge_classifier(encoder: str, train: list[dict], test: list[dict], work: 
     fit, val = split_off(train, fold=seed - 1 if args.folds else 0)
     if args.no_holdout:  # train on every row; the validation rows only show progress, the final model is tested
         fit = train
-    options = {"checkpoint": encoder, "task": "classification", "out": str(work / "run"), "pooling": args.pooling,
-               "dropout": args.dropout, "ngram_buckets": args.ngram_buckets, "ngram_lr": args.ngram_lr,
-               "data": {"path": str(write_jsonl(work / "train.jsonl", fit)),
-                        "val_path": str(write_jsonl(work / "val.jsonl", val)),
-                        "group_by_length": args.group_by_length},
-               "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=32, warmup_steps=50,
-                                      eval_interval=args.eval_interval, weight_decay=0.01, seed=seed,
-                                      layer_lr_decay=args.layer_lr_decay,
-                                      rdrop=args.rdrop,
-                                      best_metric=args.best_metric, dtype=args.dtype, eval_windows=None,
-                                      **({"max_steps": args.max_steps} if args.max_steps else {}))}
+    options = recipe_options(
+        RECIPE, quick=args.quick, checkpoint=encoder, out=str(work / "run"), pooling=args.pooling,
+        ngram_buckets=args.ngram_buckets, ngram_lr=args.ngram_lr,
+        data={"path": str(write_jsonl(work / "train.jsonl", fit)),
+              "val_path": str(write_jsonl(work / "val.jsonl", val)), "group_by_length": args.group_by_length},
+        train={"max_time": args.max_time, "max_steps": args.max_steps, "lr": args.lr,
+               "eval_interval": args.eval_interval, "seed": seed, "layer_lr_decay": args.layer_lr_decay,
+               "rdrop": args.rdrop, "best_metric": args.best_metric, "dtype": args.dtype})
+    options["dropout"] = args.dropout  # None: the checkpoint's own (the recipe's is 0.1)
     result, seconds = run_finetune(options)
     tested = result.final_checkpoint if args.no_holdout else result.best_checkpoint
     row = {"model": "lmforge MLM encoder" + (" + n-grams" if args.ngram_buckets else "")
@@ -143,13 +146,11 @@ def adapt_encoder(encoder: str, train: list[dict], work: Path, args: argparse.Na
     tokenizer = resolve_checkpoint(encoder)  # its tokenizer.json, mask token included
     texts = write_jsonl(work / "adapt-texts.jsonl", [{"text": r["text"]} for r in train])
     prepare([texts], tokenizer, work / "adapt-data", val_fraction=0.05, progress=False)
-    options = dict(max_steps=None, max_time=args.adapt, lr=args.adapt_lr, warmup_steps=50, batch_size=16,
-                   eval_interval=200, eval_windows=32, final_eval_windows=None, save_interval=0, log_interval=20,
-                   progress=False, device="cpu", dtype=args.dtype, seed=1)
+    options = recipe_options(ADAPT_RECIPE, "pretrain", data=str(work / "adapt-data"), out=str(work / "adapt"),
+                             init=encoder, train={"max_time": args.adapt, "lr": args.adapt_lr, "dtype": args.dtype})
     if args.quick:
-        options.update(max_time=None, max_steps=4, eval_interval=0, final_eval_windows=8)
-    pretrain(PretrainConfig(data=str(work / "adapt-data"), out=str(work / "adapt"), init=encoder,
-                            train=TrainConfig(**options)))
+        options["train"].update(max_time=None, max_steps=4, eval_interval=0, final_eval_windows=8)
+    pretrain(build_dataclass(PretrainConfig, options))
     return str(work / "adapt" / "checkpoints" / "final"), time.perf_counter() - start
 
 
@@ -182,27 +183,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", default="/tmp/lmforge-tasks/pretrain/mlm", help="bench/task_pretrain.py's run")
     parser.add_argument("--datasets", default="ag_news,sst2")
-    parser.add_argument("--max-time", type=float, default=300.0, help="seconds of fine-tuning per dataset")
-    parser.add_argument("--lr", type=float, default=3e-4)
+    recipe = f"(default: the {RECIPE} recipe's)"
+    parser.add_argument("--max-time", type=float, default=300.0,
+                        help="seconds of fine-tuning per dataset (the recipe's: 220)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (the recipe's: 1e-4)")
     parser.add_argument("--max-steps", type=int, default=None, help="also stop after this many steps")
-    parser.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations")
-    parser.add_argument("--pooling", default="mean", help="the classifier head's pooling: mean, first or last")
-    parser.add_argument("--best-metric", default="accuracy", help="what picks the tested checkpoint: accuracy, loss")
-    parser.add_argument("--dtype", default="fp32", help="fine-tuning precision: fp32 or bf16")
+    parser.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations (the recipe's: 50)")
+    parser.add_argument("--pooling", default=None, help=f"the classifier head's pooling: mean, first or last {recipe}")
+    parser.add_argument("--best-metric", default=None,
+                        help=f"what picks the tested checkpoint: accuracy, loss {recipe}")
+    parser.add_argument("--dtype", default="fp32", help="fine-tuning precision: fp32, bf16 or auto (the recipe's)")
     parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
-                        help="batch texts of similar length together (data.group_by_length)")
-    parser.add_argument("--layer-lr-decay", type=float, default=1.0,
-                        help="train.layer_lr_decay: each block below the head learns this much slower (1: off)")
+                        help="batch texts of similar length together (data.group_by_length; the recipe's: on)")
+    parser.add_argument("--layer-lr-decay", type=float, default=None,
+                        help=f"train.layer_lr_decay: each block below the head learns this much slower (1: off) "
+                             f"{recipe}")
     parser.add_argument("--dropout", type=float, default=None,
                         help="the encoder's dropout while fine-tuning (FinetuneConfig.dropout; default: the "
-                             "checkpoint's)")
-    parser.add_argument("--rdrop", type=float, default=0.0,
-                        help="R-Drop weight while fine-tuning (train.rdrop): symmetric KL between two dropout "
-                             "passes; 0: off")
+                             "checkpoint's; the recipe's: 0.1)")
+    parser.add_argument("--rdrop", type=float, default=None,
+                        help=f"R-Drop weight while fine-tuning (train.rdrop): symmetric KL between two dropout "
+                             f"passes; 0: off {recipe}")
     parser.add_argument("--ngram-buckets", type=int, default=0,
                         help="FinetuneConfig.ngram_buckets: a hashed uni- and bigram bag added to the head's logits "
-                             "(wide & deep); 0: off")
-    parser.add_argument("--ngram-lr", type=float, default=0.03, help="the n-gram bag's peak learning rate")
+                             "(wide & deep); 0: off (the recipe's: 262144)")
+    parser.add_argument("--ngram-lr", type=float, default=None, help=f"the n-gram bag's peak learning rate {recipe}")
     parser.add_argument("--seeds", type=int, default=1,
                         help="fine-tune N times (seeds 1..N, --max-time each); also test their ensemble (mean "
                              "probabilities) and their soup (mean weights)")
@@ -213,7 +218,8 @@ def main() -> None:
                              "same tenth), so the ensemble learns from every row")
     parser.add_argument("--adapt", type=float, default=0.0,
                         help="seconds of task-adaptive MLM pretraining on the training texts before fine-tuning")
-    parser.add_argument("--adapt-lr", type=float, default=5e-4, help="peak learning rate of --adapt")
+    parser.add_argument("--adapt-lr", type=float, default=None,
+                        help=f"peak learning rate of --adapt (default: the {ADAPT_RECIPE} recipe's)")
     parser.add_argument("--work", default="/tmp/lmforge-tasks/classify")
     parser.add_argument("--quick", action="store_true", help="8 fine-tuning steps, 200 test rows")
     parser.add_argument("--json", default=None)

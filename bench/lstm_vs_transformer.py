@@ -26,8 +26,8 @@ import math
 from pathlib import Path
 
 from lmforge.config import ModelConfig, PretrainConfig, TrainConfig
-from lmforge.data.shards import prepare
 from lmforge.models import build_model
+from lmforge.recipes.pipeline import tokenize_and_prepare
 from lmforge.recipes.pretrain import pretrain
 from lmforge.tokenizer import Tokenizer
 from tasklib import DATA, need, print_table, setup_logging, write_json
@@ -42,10 +42,9 @@ def prepare_data(name: str, work: Path) -> Path:
     path, kind, vocab, _ = DATASETS[name]
     text = path.read_text(encoding="utf-8")
     train_part = text[:text.rfind("\n", 0, int(len(text) * 0.9)) + 1]  # roughly prepare()'s byte split
-    if not (work / "tokenizer" / "tokenizer.json").is_file():
-        Tokenizer.train([train_part], kind, vocab).save(work / "tokenizer")
-    prepare([path], work / "tokenizer", work / "data", val_fraction=0.1, progress=False)
-    return work / "data"
+    _, data = tokenize_and_prepare([path], work, kind, vocab, val_fraction=0.1, tokenizer_texts=[train_part],
+                                   reuse_tokenizer=True)
+    return data
 
 
 def run(name: str, family: dict, data: Path, out: Path, dropout: float, args: argparse.Namespace) -> dict:

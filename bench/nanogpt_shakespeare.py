@@ -6,8 +6,10 @@ Reference (../shared/data/tinyshakespeare/README.md, measured on the same kind o
 1.898 over the whole val split in 123 s wall at ~14,000 tokens/s.
 
 This script times the whole job the same way (tokenizer, data preparation, training, evaluation on
-the whole val split) for the GPT-2 flavour with those settings, then shows what the Llama flavour
-and a tuned GPT-2 reach within the same 60-second wall budget.
+the whole val split: ``lmforge.recipes.pipeline.pretrain_from_text``) for the GPT-2 flavour with those
+settings, the shipped ``shakespeare-char`` recipe (``lmforge pretrain --recipe shakespeare-char``),
+then shows what the Llama flavour and a tuned Llama (the ``shakespeare-char-llama`` recipe) reach within
+the same 60-second wall budget.
 
     python bench/nanogpt_shakespeare.py [--runs gpt2,llama,best] [--out /tmp/nanogpt-bench]
 """
@@ -20,45 +22,32 @@ import sys
 import time
 from pathlib import Path
 
-from lmforge.config import ModelConfig, PretrainConfig, TrainConfig
-from lmforge.data.shards import prepare
-from lmforge.data.sources import expand_inputs, iter_texts
-from lmforge.recipes.pretrain import pretrain
-from lmforge.tokenizer import Tokenizer
+from lmforge.options import deep_merge
+from lmforge.recipes.catalog import recipe_values
+from lmforge.recipes.pipeline import pretrain_from_text
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 REFERENCE = {"val_loss": 1.898, "wall_s": 123.0, "tokens_per_sec": 14_000}
 TARGET_WALL = 60.0
 
-NANOGPT_MODEL = dict(block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False, dropout=0.0)
-NANOGPT_TRAIN = dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=2000, beta1=0.9, beta2=0.99,
-                     weight_decay=0.1, grad_clip=1.0, batch_size=12, eval_interval=0, save_interval=0,
-                     log_interval=100, final_eval_windows=None, progress=False)
-
-RUNS = {
+RUNS = {  # a shipped recipe and what this run changes in it
     # the reference settings, GPT-2 flavour (learned positions, LayerNorm, GELU, tied embeddings)
-    "gpt2": (dict(NANOGPT_MODEL), dict(NANOGPT_TRAIN)),
+    "gpt2": ("shakespeare-char", {}),
     # the same settings, Llama flavour (RoPE, RMSNorm, SwiGLU, 2 key/value heads, untied head)
-    "llama": (dict(NANOGPT_MODEL, preset="llama-tiny", n_kv_head=2), dict(NANOGPT_TRAIN)),
+    "llama": ("shakespeare-char", {"model": {"preset": "llama-tiny", "n_kv_head": 2}}),
     # best found (a small sweep of width, context, batch and rate): the Llama flavour with a higher
     # rate and batch 16, trained on a time budget that keeps the whole job under 60 s
-    "best": (dict(NANOGPT_MODEL, preset="llama-tiny", n_kv_head=2), dict(
-        NANOGPT_TRAIN, max_steps=None, max_time=48.0, batch_size=16, lr=5e-3, min_lr=5e-4)),
+    "best": ("shakespeare-char-llama", {}),
 }
 
 
 def run(name: str, out: Path) -> dict:
-    model_knobs, train_knobs = RUNS[name]
+    recipe, changes = RUNS[name]
+    values = deep_merge(recipe_values(recipe, "pretrain"), deep_merge(changes, {"train": {"progress": False}}))
     start = time.monotonic()
     work = out / name
     shutil.rmtree(work, ignore_errors=True)
-    files = expand_inputs([DATA])
-    tokenizer = Tokenizer.train(iter_texts(files), kind="char")
-    tokenizer.save(work / "tokenizer")
-    prepare(files, work / "tokenizer", work / "data", val_fraction=0.1, progress=False)
-    config = PretrainConfig(data=str(work / "data"), out=str(work / "run"), model=ModelConfig.from_dict(model_knobs),
-                            train=TrainConfig(**train_knobs))
-    result = pretrain(config)
+    result = pretrain_from_text([DATA], work, values, kind="char", val_fraction=0.1)  # tokenizer, data, run
     wall = time.monotonic() - start
     return {"run": name, "val_loss": result.metrics["val_loss"], "wall_s": wall, "steps": result.step,
             "train_s": result.elapsed, "tokens_per_sec": result.tokens / result.elapsed}

@@ -9,13 +9,14 @@ of bench/task_pretrain.py saw the contexts of the 30 training articles only.
   score is the sum, over the distinct question words found in the ``--window`` words on each side of it,
   of ``log(1 + 1 / count of the word in the context)`` (rare words count more). Ties go to the longer,
   then the earlier span. No training; nothing is tuned on the evaluation articles.
-- lmforge: the encoder fine-tuned with ``FinetuneConfig(checkpoint=..., task="qa")`` (256-token windows
-  of ``bos question eos context eos``, ``data.stride`` 64) for ``--max-time`` seconds; every 10th
-  training question is its validation set. EM/F1 on the evaluation articles through
+- lmforge: the encoder fine-tuned from the shipped ``squad-qa`` recipe (``lmforge finetune ENCODER
+  --recipe squad-qa``: 256-token windows of ``bos question eos context eos``, ``data.stride`` 64, 16
+  windows per step) for ``--max-time`` seconds (default: the recipe's 420); every 10th training
+  question is its validation set. EM/F1 on the evaluation articles through
   ``lmforge.evaluation.evaluate(lm, "qa", ...)`` (the same ``squad_scores`` as the baseline's).
   ``--question-match`` (the default; ``--no-question-match`` turns it off) gives the span extractor
   DrQA's exact-match input feature (``FinetuneConfig.question_match``); ``--dtype`` is the fine-tuning
-  precision (bf16 autocast by default).
+  precision (default: the recipe's auto, bf16 autocast where the CPU has it).
 
     python bench/squad.py --encoder /tmp/lmforge-tasks/pretrain/mlm [--max-time 420] [--work DIR]
                           [--no-question-match] [--dtype bf16] [--quick] [--json FILE]
@@ -33,20 +34,22 @@ from pathlib import Path
 from lmforge.api import LanguageModel
 from lmforge.evaluation import evaluate
 from lmforge.evaluation.metrics import squad_scores
+from lmforge.recipes.catalog import recipe_values
 from tasklib import (
     DATA,
     need,
     print_table,
+    recipe_options,
     run_finetune,
     setup_logging,
     split_off,
     squad,
-    train_options,
     write_json,
     write_jsonl,
 )
 
 WORD = re.compile(r"\w+(?:[-'.]\w+)*|[^\w\s]")
+RECIPE = "squad-qa"
 STOP = set("a an the of in on at to for by with from and or is are was were be been it its this that these those "
            "as what which who whom whose when where why how did do does ? , . ' \" ( ) ;".split())
 
@@ -85,14 +88,16 @@ def baseline(records: list[dict], window: int, max_span: int) -> dict:
 
 def lmforge_qa(encoder: str, train: list[dict], test: list[dict], work: Path, args: argparse.Namespace) -> dict:
     fit, val = split_off(train)
-    options = {"checkpoint": encoder, "task": "qa", "out": str(work / "run"), "question_match": args.question_match,
-               "data": {"path": str(write_jsonl(work / "train.jsonl", fit)),
-                        "val_path": str(write_jsonl(work / "val.jsonl", val)),
-                        "stride": 16 if args.quick else 64},  # the quick encoder has 64-token windows
-               "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=16, warmup_steps=50,
-                                      eval_interval=150, eval_windows=200, weight_decay=0.01,
-                                      dtype=args.dtype)}
+    options = recipe_options(
+        RECIPE, quick=args.quick, checkpoint=encoder, out=str(work / "run"), question_match=args.question_match,
+        data={"path": str(write_jsonl(work / "train.jsonl", fit)),
+              "val_path": str(write_jsonl(work / "val.jsonl", val)),
+              "stride": 16 if args.quick else None},  # the quick encoder has 64-token windows
+        train={"max_time": args.max_time, "lr": args.lr, "dtype": args.dtype})
     result, seconds = run_finetune(options)
+    # the recipe's values, for the report
+    args.max_time = args.max_time or recipe_values(RECIPE, "finetune")["train"]["max_time"]
+    args.question_match, args.dtype = options["question_match"], options["train"]["dtype"]
     lm = LanguageModel.load(result.best_checkpoint, device="cpu")
     report = evaluate(lm, "qa", str(write_jsonl(work / "eval.jsonl", test)), progress=False)
     return {"model": "lmforge span extractor", "exact_match": report["metrics"]["exact_match"],
@@ -102,11 +107,13 @@ def lmforge_qa(encoder: str, train: list[dict], test: list[dict], work: Path, ar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", default="/tmp/lmforge-tasks/pretrain/mlm", help="bench/task_pretrain.py's run")
-    parser.add_argument("--max-time", type=float, default=420.0, help="seconds of fine-tuning")
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--question-match", action=argparse.BooleanOptionalAction, default=True,
-                        help="the exact-match input feature (FinetuneConfig.question_match)")
-    parser.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"), help="fine-tuning precision")
+    recipe = f"(default: the {RECIPE} recipe's)"
+    parser.add_argument("--max-time", type=float, default=None, help=f"seconds of fine-tuning {recipe}")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate {recipe}")
+    parser.add_argument("--question-match", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"the exact-match input feature (FinetuneConfig.question_match) {recipe}")
+    parser.add_argument("--dtype", default=None, choices=("auto", "fp32", "bf16"),
+                        help=f"fine-tuning precision {recipe}")
     parser.add_argument("--window", type=int, default=8, help="baseline: words on each side of a candidate")
     parser.add_argument("--max-span", type=int, default=4, help="baseline: longest candidate, in words")
     parser.add_argument("--work", default="/tmp/lmforge-tasks/squad")

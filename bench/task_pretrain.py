@@ -13,14 +13,17 @@ What goes in (one JSONL record per document, shuffled with a fixed seed; 2% held
 - Alpaca ``train.jsonl`` records (instruction, input and output as one document; ``--no-alpaca``
   leaves them out).
 
-Tokenizer: ``Tokenizer.train(texts, "bpe", 8192)`` on that corpus (MLM pretraining adds ``<|mask|>``).
-Model: a rotary-position encoder, width 256, 4 heads, ``--layers`` blocks (default 4), 256-token
-windows, trained with ``lmforge.recipes.pretrain.pretrain`` (objective auto = mlm, 15% of tokens) for
-``--max-time`` seconds (the learning rate decays over that time), in ``--dtype`` (bf16 autocast by
-default).
+Tokenizer: a byte-level BPE of 8,192 tokens trained on that corpus (MLM pretraining adds ``<|mask|>``),
+then the corpus prepared, both by ``lmforge.recipes.pipeline.tokenize_and_prepare``.
+Model and training: the shipped ``encoder-mlm`` recipe (``lmforge pretrain --recipe encoder-mlm``: a
+rotary-position encoder, width 256, 4 heads, 256-token windows, masked-language modelling of 15% of
+tokens) with ``--layers`` blocks (default: the recipe's 4) for ``--max-time`` seconds (the learning rate
+decays over that time), in ``--dtype`` (default: the recipe's auto, bf16 autocast where the CPU has
+it). This script's ``--max-time`` (780) and ``--warmup`` (40) defaults are the first runs'; the
+recipe's, measured for an hour, are ``--max-time 3600 --warmup 200``.
 
     python bench/task_pretrain.py [--work /tmp/lmforge-tasks/pretrain] [--max-time 780] [--layers 4]
-                                  [--dtype bf16] [--warmup 40] [--quick] [--json FILE]
+                                  [--dtype auto] [--warmup 40] [--quick] [--json FILE]
 
 The encoder is then ``WORK/mlm`` (pass it to the other scripts with ``--encoder``).
 """
@@ -28,15 +31,31 @@ The encoder is then ``WORK/mlm`` (pass it to the other scripts with ``--encoder`
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 from pathlib import Path
 
-from lmforge.config import ModelConfig, PretrainConfig, TrainConfig
-from lmforge.data.shards import prepare
+from lmforge.config import PretrainConfig
+from lmforge.options import build_dataclass
+from lmforge.recipes.catalog import recipe_info
+from lmforge.recipes.pipeline import tokenize_and_prepare
 from lmforge.recipes.pretrain import pretrain
-from lmforge.tokenizer import Tokenizer
-from tasklib import DATA, aeslc, ag_news, need, read_jsonl, setup_logging, squad, sst2, write_json, write_jsonl
+from tasklib import (
+    DATA,
+    aeslc,
+    ag_news,
+    need,
+    read_jsonl,
+    recipe_options,
+    setup_logging,
+    squad,
+    sst2,
+    write_json,
+    write_jsonl,
+)
+
+RECIPE = "encoder-mlm"
 
 
 def alpaca_documents() -> list[str]:
@@ -64,12 +83,15 @@ def corpus_documents(aeslc_documents: int, alpaca: bool) -> dict[str, list[str]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/lmforge-tasks/pretrain")
-    parser.add_argument("--max-time", type=float, default=780.0, help="seconds of MLM pretraining")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup", type=int, default=40, help="warm-up steps")
-    parser.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"), help="pretraining precision")
+    recipe = f"(default: the {RECIPE} recipe's)"
+    parser.add_argument("--max-time", type=float, default=780.0,
+                        help="seconds of MLM pretraining (the recipe's: 3600)")
+    parser.add_argument("--layers", type=int, default=None, help=f"encoder blocks {recipe}")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"windows per step {recipe}")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate {recipe}")
+    parser.add_argument("--warmup", type=int, default=40, help="warm-up steps (the recipe's: 200)")
+    parser.add_argument("--dtype", default=None, choices=("auto", "fp32", "bf16"),
+                        help=f"pretraining precision {recipe}")
     parser.add_argument("--aeslc-documents", type=int, default=4000, help="AESLC emails kept (the first N)")
     parser.add_argument("--no-alpaca", dest="alpaca", action="store_false", help="leave the Alpaca records out")
     parser.add_argument("--quick", action="store_true", help="a few seconds: tiny model, 10 steps")
@@ -89,22 +111,22 @@ def main() -> None:
     corpus = write_jsonl(work / "corpus.jsonl", documents)
 
     start = time.perf_counter()
-    if not (work / "tokenizer" / "tokenizer.json").is_file():
-        Tokenizer.train((d["text"] for d in documents), "bpe", 8192).save(work / "tokenizer")
-    meta = prepare([corpus], work / "tokenizer", work / "data", val_fraction=0.02, progress=False)
+    tokenizer = recipe_info(RECIPE)["tokenizer"]  # the kind and size the recipe was measured with
+    _, data = tokenize_and_prepare([corpus], work, tokenizer["kind"], tokenizer["vocab_size"], val_fraction=0.02,
+                                   reuse_tokenizer=True)
+    meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
     prep_seconds = time.perf_counter() - start
 
-    model = ModelConfig(family="encoder", n_layer=args.layers, n_head=4, n_embd=256, block_size=256,
-                        position="rope", mlp="gelu", norm="layernorm")
-    train = TrainConfig(max_steps=None, max_time=args.max_time, lr=args.lr, warmup_steps=args.warmup,
-                        batch_size=args.batch_size, eval_interval=300, eval_windows=64, final_eval_windows=256,
-                        save_interval=0, log_interval=20, progress=False, device="cpu", dtype=args.dtype)
+    options = recipe_options(RECIPE, "pretrain", data=str(data), out=str(work / "mlm"), model={"n_layer": args.layers},
+                             train={"max_time": args.max_time, "lr": args.lr, "warmup_steps": args.warmup,
+                                    "batch_size": args.batch_size, "dtype": args.dtype})
     if args.quick:
-        model.n_layer, model.n_embd, model.block_size = 2, 64, 64
-        train.max_time, train.max_steps, train.eval_interval, train.warmup_steps = None, 10, 0, 2
-        train.final_eval_windows = 16
+        options["model"].update(n_layer=2, n_embd=64, block_size=64)
+        options["train"].update(max_time=None, max_steps=10, eval_interval=0, warmup_steps=2, final_eval_windows=16)
+    config = build_dataclass(PretrainConfig, options)
+    model, train = config.model, config.train
     start = time.perf_counter()
-    result = pretrain(PretrainConfig(data=str(work / "data"), out=str(work / "mlm"), model=model, train=train))
+    result = pretrain(config)
     seconds = time.perf_counter() - start
 
     chars = {name: sum(len(t) for t in texts) for name, texts in sources.items()}

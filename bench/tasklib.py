@@ -1,6 +1,7 @@
 """Shared pieces of the task-model benchmarks (bench/task_pretrain.py, classify.py, squad.py,
 summarize.py, lstm_vs_transformer.py, translate.py): where the data lives, the fixed train/eval
-splits, fine-tuning through ``lmforge.recipes.finetune`` with a time budget, and the printed table.
+splits, the shipped recipe a benchmark starts from (``lmforge.recipes.catalog``, overridden only where
+the benchmark varies something), fine-tuning through ``lmforge.recipes.finetune``, and the printed table.
 
 The splits are defined once here, so the pretraining corpus provably leaves out every evaluation part:
 - SST-2: every 5th row of ``train.tsv`` (0-based index % 5 == 4) is the test set.
@@ -17,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmforge.options import build_dataclass
+from lmforge.options import build_dataclass, deep_merge
+from lmforge.recipes.catalog import recipe_values
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -109,14 +111,27 @@ def model_knobs(pairs: list[str]) -> dict[str, Any]:
     return {name.strip(): yaml.safe_load(value) for name, _, value in (pair.partition("=") for pair in pairs)}
 
 
-def train_options(max_time: float, quick: bool, **overrides: Any) -> dict[str, Any]:
-    """Fine-tuning options with a time budget (steps unbounded: the LR decays over ``max_time``)."""
-    options = dict(max_steps=None, max_time=max_time, progress=False, device="cpu", dtype="fp32",
-                   save_interval=0, log_interval=20, eval_interval=200, eval_windows=300, seed=1)
+BENCH_TRAIN = dict(progress=False, device="cpu")  # every benchmark: on the CPU, logging instead of a bar
+QUICK_TRAIN = dict(max_time=None, max_steps=8, eval_interval=0, eval_windows=32, final_eval_windows=64)
+
+
+def given(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without its None entries (at any depth): a flag left at None keeps the recipe's value."""
+    return {key: given(value) if isinstance(value, dict) else value for key, value in values.items()
+            if value is not None}
+
+
+def recipe_options(name: str, command: str = "finetune", quick: bool = False, **overrides: Any) -> dict[str, Any]:
+    """The shipped recipe ``name`` (``lmforge.recipes.catalog.recipe_values``) with the benchmark's
+    overrides: top-level options or nested sections (``train={"lr": ...}``); None values leave the
+    recipe's. Always on the CPU without a progress bar; ``quick``: 8 steps (no time budget) and small
+    evaluations, unless the overrides say otherwise."""
+    options = deep_merge(recipe_values(name, command), {"train": BENCH_TRAIN})
+    overrides = given(overrides)
     if quick:
-        options.update(max_time=None, max_steps=8, eval_interval=0, eval_windows=32, final_eval_windows=64)
-    options.update(overrides)
-    return options
+        options = deep_merge(options, {"train": QUICK_TRAIN})
+        overrides.get("train", {}).pop("max_time", None)
+    return deep_merge(options, overrides)
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,11 +179,9 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------
 def bpe_tokenizer(folder: Path, texts: list[str], vocab_size: int) -> Path:
     """A byte-level BPE tokenizer trained on ``texts`` (kept in ``folder`` and reused)."""
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.recipes.pipeline import train_tokenizer
 
-    if not (folder / "tokenizer.json").is_file():
-        Tokenizer.train(texts, "bpe", vocab_size).save(folder)
-    return folder
+    return train_tokenizer(None, folder, "bpe", vocab_size, texts=texts, reuse=True)
 
 
 def decode_all(method: Any, sources: list[str], batch_size: int = 32, **options: Any) -> list[str]:

@@ -6,12 +6,16 @@ checkpoint by target loss) and ``val.{en,de}`` (1,014 pairs, the test set here).
 - Baseline: a Dice-coefficient lexicon from sentence co-occurrence in the training pairs (each English
   word, lowercased, becomes the German word maximising 2 c(e, d) / (c(e) + c(d)); unknown words are
   copied), applied word by word in English order.
-- lmforge: a byte-level BPE tokenizer (``--vocab-size``, both languages) and a ``seq2seq-small`` model
-  (3 + 3 layers, width 256, dropout 0.1, 128-token context) trained with
-  ``FinetuneConfig(task="seq2seq", data.path=train.en, data.target_path=train.de)`` for ``--max-time``
-  seconds in ``--dtype`` (default bf16 autocast) with label smoothing ``--label-smoothing`` (and R-Drop
-  ``--rdrop``, default off; BPE-dropout ``--bpe-dropout``, default off), each step's pairs of similar
-  length (``data.group_by_length``; ``--no-group-by-length`` draws them at random); a checkpoint every
+- lmforge: a byte-level BPE tokenizer (``--vocab-size``, both languages) and the shipped
+  ``multi30k-en-de`` recipe (``lmforge finetune --recipe multi30k-en-de``: ``seq2seq-small``, 3 + 3
+  layers, width 256, dropout 0.1, 128-token context; the flags below without a default of their own
+  take the recipe's value) with ``data.path=train.en, data.target_path=train.de``, for ``--max-time``
+  seconds in ``--dtype`` (the recipe's auto: bf16 autocast where the CPU has it) with label smoothing
+  ``--label-smoothing`` (and R-Drop ``--rdrop``, default off; BPE-dropout ``--bpe-dropout``, default
+  off). Where this script's defaults differ from the recipe they are the first runs' (so the commands in
+  docs/benchmarks.md keep their meaning): learned positions (``--model position=rope`` is the recipe's),
+  8,192 tokens (``--vocab-size 4096``) and each step's pairs of similar length (``data.group_by_length``;
+  ``--no-group-by-length``, the recipe's, draws them at random); a checkpoint every
   ``--save-interval`` steps, and the mean of the last ``--average`` checkpoints
   (``lmforge.training.averaging``) is the result; the checkpoint with the lowest held-out loss is
   reported beside it. Beam ``--beam`` decoding with ``lm.translate``; with ``--tune-decoding`` every
@@ -30,7 +34,7 @@ The recipe that meets the target: ``--vocab-size 4096 --no-group-by-length --bid
 position=rope`` (rotary instead of learned positions; see docs/benchmarks.md).
 Corpus BLEU (sacreBLEU 13a through ``lmforge.evaluation.metrics.bleu``) and chrF on the validation set.
 
-    python bench/translate.py [--max-time 3600] [--vocab-size 8192] [--beam 4] [--dtype bf16]
+    python bench/translate.py [--max-time 3600] [--vocab-size 8192] [--beam 4] [--dtype auto]
                               [--label-smoothing 0.1] [--rdrop 0] [--bpe-dropout 0] [--no-group-by-length] [--average 5]
                               [--save-interval 500] [--tune-decoding] [--mbr bleu|chrf] [--members 1] [--threads T]
                               [--bidirectional F]
@@ -51,6 +55,7 @@ from typing import Any
 from lmforge.api import LanguageModel
 from lmforge.data.supervised import split_records
 from lmforge.evaluation.metrics import bleu, chrf
+from lmforge.recipes.catalog import recipe_values
 from lmforge.training.averaging import average_checkpoints, last_checkpoints
 from tasklib import (
     DATA,
@@ -59,13 +64,15 @@ from tasklib import (
     model_knobs,
     need,
     print_table,
+    recipe_options,
     run_finetune,
     setup_logging,
-    train_options,
     write_json,
 )
 
 MT = DATA / "multi30k_en_de"
+RECIPE = "multi30k-en-de"
+FIRST_RUNS_MODEL = {"position": "learned"}  # this script's default model knob (the recipe's: rope); see above
 WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -152,24 +159,31 @@ def _step(checkpoint: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-time", type=float, default=3600.0, help="seconds of training")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=32, help="sentence pairs per step")
+    recipe = f"(default: the {RECIPE} recipe's)"
+    parser.add_argument("--max-time", type=float, default=None, help=f"seconds of training {recipe}")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate {recipe}")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"sentence pairs per step {recipe}")
     parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
-                        help="steps of pairs of similar length (data.group_by_length): less padding")
-    parser.add_argument("--warmup", type=int, default=200, help="warm-up steps")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary of both languages")
+                        help="steps of pairs of similar length (data.group_by_length): less padding (the "
+                             "recipe: off)")
+    parser.add_argument("--warmup", type=int, default=None, help=f"warm-up steps {recipe}")
+    parser.add_argument("--vocab-size", type=int, default=8192,
+                        help="BPE vocabulary of both languages (the recipe's: 4096)")
     parser.add_argument("--model", action="append", default=[], metavar="KNOB=VALUE",
-                        help="a model knob over seq2seq-small, e.g. --model n_embd=128 --model dropout=0.3")
+                        help="a model knob over the recipe's (seq2seq-small, 128-token context), e.g. --model "
+                             "n_embd=128 --model dropout=0.3; positions are learned unless --model position=rope "
+                             "(the recipe's)")
     parser.add_argument("--beam", type=int, default=4)
-    parser.add_argument("--dtype", default="bf16", help="training precision: bf16 (autocast) or fp32")
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
-    parser.add_argument("--rdrop", type=float, default=0.0,
-                        help="R-Drop weight (train.rdrop): symmetric KL between two dropout passes; 0: off")
-    parser.add_argument("--bpe-dropout", type=float, default=0.0,
-                        help="BPE-dropout of the training pairs (data.bpe_dropout): chance of skipping a merge; 0: off")
-    parser.add_argument("--average", type=int, default=5, help="average the last N checkpoints (1: none)")
-    parser.add_argument("--save-interval", type=int, default=500, help="steps between checkpoints")
+    parser.add_argument("--dtype", default=None, help=f"training precision: auto, bf16 (autocast) or fp32 {recipe}")
+    parser.add_argument("--label-smoothing", type=float, default=None, help=f"train.label_smoothing {recipe}")
+    parser.add_argument("--rdrop", type=float, default=None,
+                        help=f"R-Drop weight (train.rdrop): symmetric KL between two dropout passes; 0: off {recipe}")
+    parser.add_argument("--bpe-dropout", type=float, default=None,
+                        help="BPE-dropout of the training pairs (data.bpe_dropout): chance of skipping a merge; "
+                             f"0: off {recipe}")
+    parser.add_argument("--average", type=int, default=None,
+                        help="average the last N checkpoints (1: none; default: the recipe's keep_checkpoints)")
+    parser.add_argument("--save-interval", type=int, default=None, help=f"steps between checkpoints {recipe}")
     parser.add_argument("--work", default="/tmp/lmforge-tasks/translate")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 8 steps, 50 validation sentences")
     parser.add_argument("--checkpoints", nargs="+", default=None, metavar="DIR",
@@ -214,15 +228,17 @@ def main() -> None:
              "train_s": time.perf_counter() - start}]
 
     tokenizer = bpe_tokenizer(work / f"tokenizer-{args.vocab_size}", train_en + train_de, args.vocab_size)
-    options = {"tokenizer": str(tokenizer), "task": "seq2seq", "purpose": "translation", "out": str(work / "run"),
-               "model": {"preset": "seq2seq-small", "block_size": 128, **model_knobs(args.model)},
-               "data": {"path": str(MT / "train.en"), "target_path": str(MT / "train.de"), "val_fraction": 0.02,
-                        "group_by_length": args.group_by_length, "bpe_dropout": args.bpe_dropout},
-               "train": train_options(args.max_time, args.quick, lr=args.lr, batch_size=args.batch_size,
-                                      warmup_steps=args.warmup,
-                                      eval_interval=500, eval_windows=None, weight_decay=0.01, dtype=args.dtype,
-                                      label_smoothing=args.label_smoothing, rdrop=args.rdrop,
-                                      save_interval=args.save_interval, keep_checkpoints=args.average)}
+    options = recipe_options(
+        RECIPE, quick=args.quick, tokenizer=str(tokenizer), out=str(work / "run"),
+        model={**FIRST_RUNS_MODEL, **model_knobs(args.model)},
+        data={"path": str(MT / "train.en"), "target_path": str(MT / "train.de"),
+              "group_by_length": args.group_by_length, "bpe_dropout": args.bpe_dropout},
+        train={"max_time": args.max_time, "lr": args.lr, "batch_size": args.batch_size, "warmup_steps": args.warmup,
+               "dtype": args.dtype, "label_smoothing": args.label_smoothing, "rdrop": args.rdrop,
+               "save_interval": args.save_interval, "keep_checkpoints": args.average})
+    val_fraction, args.average = options["data"]["val_fraction"], options["train"]["keep_checkpoints"]
+    if args.max_time is None:  # the recipe's budget, for the report
+        args.max_time = recipe_values(RECIPE, "finetune")["train"]["max_time"]
     if args.quick:
         options["model"].update(n_layer=1, n_decoder_layer=1, n_embd=64)
         options["train"].update(save_interval=2)  # checkpoints at steps 2, 4, 6 and final (8)
@@ -254,7 +270,7 @@ def main() -> None:
             checkpoints[f"ensemble of the {args.members} best held-out loss checkpoints"] = bests
             if averages:
                 checkpoints[f"ensemble of the {args.members} means of the last {args.average}"] = averages
-    held_out = split_records(list(zip(train_en, train_de)), 0.02)[1]  # what the fine-tuning held out
+    held_out = split_records(list(zip(train_en, train_de)), val_fraction)[1]  # what the fine-tuning held out
     if args.quick:
         held_out = held_out[:50]
     grid = [(beam, penalty, None) for beam in (4, 8) for penalty in (0.6, 1.0, 1.5)] if args.tune_decoding else \

@@ -11,7 +11,7 @@ import torch
 
 from lmforge.config import ModelConfig, SamplingConfig
 from lmforge.inference.beam import Hypotheses, beam_search, repeated_ngram_tokens, search
-from lmforge.inference.seq2seq import generate_seq2seq
+from lmforge.inference.seq2seq_decoding import generate_seq2seq
 from lmforge.models.seq2seq import Seq2SeqLM
 
 EOS, A, B, C = 0, 1, 2, 3

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from lmforge.config import FinetuneConfig, FinetuneDataConfig, FinetuneTrainConfig, ModelConfig
 from lmforge.data.bpe_dropout import SampledSegmentations, merge_dropout, sampled_segmentations
 from lmforge.data.supervised import ShuffledBatches, length_grouped_order
-from lmforge.data.tasks import encode_pairs
+from lmforge.data.task_rows import encode_pairs
 from lmforge.errors import ConfigError
 from lmforge.recipes.finetune import finetune
 from lmforge.tokenizer import Tokenizer

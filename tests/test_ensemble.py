@@ -10,7 +10,7 @@ from lmforge.api import LanguageModel
 from lmforge.config import ModelConfig, SamplingConfig
 from lmforge.errors import ConfigError
 from lmforge.inference.beam import beam_search
-from lmforge.inference.seq2seq import generate_seq2seq
+from lmforge.inference.seq2seq_decoding import generate_seq2seq
 from lmforge.models import build_model
 from lmforge.models.ensemble import Seq2SeqEnsemble
 from lmforge.models.seq2seq import Seq2SeqLM

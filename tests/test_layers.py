@@ -154,6 +154,6 @@ def test_one_generation_loop_one_sampling_parser_one_bos_rule_one_context_error(
     # the tokenizer defines the rule's inputs; the task models' row encoders use start_ids as a separator and
     # the exporters copy adds_bos into other formats' metadata: none of them builds a prompt
     bos = {x.split(":")[0] for x in _source_lines(r"\b(tokenizer|self)\.(adds_bos|start_ids)\b")}
-    assert bos - {"tokenizer.py", "data/qa.py", "data/tasks.py", "interop/hf.py", "interop/gguf.py"} == \
+    assert bos - {"tokenizer.py", "data/qa.py", "data/task_rows.py", "interop/hf.py", "interop/gguf.py"} == \
         {"inference/prompts.py"}
     assert {x.split(":")[0] for x in _source_lines(r"model's context is")} == {"inference/prompts.py"}

@@ -10,11 +10,11 @@ import torch
 
 from lmforge.api import LanguageModel
 from lmforge.config import ModelConfig
-from lmforge.data.tasks import encode_source
+from lmforge.data.task_rows import encode_source
 from lmforge.errors import ConfigError
 from lmforge.evaluation import evaluate
 from lmforge.inference.mbr import mbr_choose
-from lmforge.inference.tasks import translate_ids
+from lmforge.inference.task_models import translate_ids
 from lmforge.models import build_model
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.checkpoint import save_checkpoint

@@ -66,7 +66,7 @@ def test_label_smoothing_is_checked_and_refused_for_spans(tmp_path):
         TrainConfig(label_smoothing=1.0).validate()
     with pytest.raises(ConfigError, match="label_smoothing"):
         TrainConfig(label_smoothing=-0.1).validate()
-    from lmforge.recipes.tasks import finetune_task
+    from lmforge.recipes.task_runs import finetune_task
     from lmforge.tokenizer import Tokenizer
 
     data = tmp_path / "qa.jsonl"

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from lmforge.config import ModelConfig, SamplingConfig
 from lmforge.errors import ConfigError
 from lmforge.inference.beam import beam_search
-from lmforge.inference.seq2seq import generate_seq2seq
+from lmforge.inference.seq2seq_decoding import generate_seq2seq
 from lmforge.models.seq2seq import Seq2SeqLM
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.checkpoint import load_model, save_checkpoint

@@ -248,6 +248,20 @@ def test_an_over_long_input_is_refused_alike_without_truncation(served, seen, ta
     assert seen.take() == Seen().take()  # nothing was generated
 
 
+def test_a_plain_prompt_is_truncated_alike_by_generate_and_v1_generate(served, seen):
+    lm, client = served
+    output = lm.generate(LONG, truncate=True, max_new_tokens=MAX, temperature=0)
+    api = seen.take()
+    response = client.post("/v1/generate", json={"prompt": LONG, "max_tokens": MAX, "temperature": 0,
+                                                 "truncate": True})
+    assert response.status_code == 200, response.text
+    api_rows, http_rows = check_paths(lm, api, seen.take())
+    assert api_rows == http_rows and len(api_rows[0]) <= lm.context_length - MAX
+    assert response.json()["text"] == output.strip()
+    assert_error(client.post("/v1/generate", json={"prompt": LONG, "max_tokens": MAX}), 400,
+                 "context_length_exceeded")
+
+
 def test_an_answer_stops_at_a_newline_by_api_and_http():
     lm = make_lm()  # with this seed the greedy answer goes on past a newline
     question, context = "What jumps?", LINES[0]

@@ -11,9 +11,9 @@ import torch
 from torch.testing import assert_close
 
 from lmforge.config import LoraConfig, ModelConfig, SamplingConfig, TrainConfig
-from lmforge.data.tasks import collate_pairs
+from lmforge.data.task_rows import collate_pairs
 from lmforge.inference.beam import beam_search
-from lmforge.inference.seq2seq import generate_seq2seq
+from lmforge.inference.seq2seq_decoding import generate_seq2seq
 from lmforge.models import build_model
 from lmforge.models.lora import apply_lora
 from lmforge.models.seq2seq import Seq2SeqLM

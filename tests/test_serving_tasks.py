@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from lmforge.api import LanguageModel
 from lmforge.evaluation.harness import CLASSIFICATION_TEMPLATE, QA_TEMPLATE, label_scores
 from lmforge.serving import create_app
-from lmforge.serving.tasks import SUMMARIZE_TEMPLATE, TRANSLATE_TEMPLATE, TaskAnswer
+from lmforge.serving.task_routes import SUMMARIZE_TEMPLATE, TRANSLATE_TEMPLATE, TaskAnswer
 from serving_helpers import NAME, assert_error, make_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -45,7 +45,7 @@ from lmforge.inference.prompts import (
     fit_prompt,
 )
 from lmforge.inference.scoring import token_logprobs
-from lmforge.inference.tasks import Answer, Classification
+from lmforge.inference.task_models import Answer, Classification
 from lmforge.interop.hf import is_hf_folder, load_hf
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.checkpoint import load_model

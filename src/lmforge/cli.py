@@ -88,8 +88,8 @@ def _run_config(args: argparse.Namespace, cls: type, command: str, shorthands: t
         from lmforge.recipes.catalog import recipe_values
 
         layers.append(recipe_values(args.recipe, command))
-    if args.config:
-        layers.append(read_config_file(args.config))
+    if args.config:  # (a copied recipe file's 'recipe:' header is its description, not an option)
+        layers.append({k: v for k, v in read_config_file(args.config).items() if k != "recipe"})
     layers.append(namespace_to_dict(args, keep=field_names(cls)))
     values: dict[str, Any] = {}
     for layer in layers:
@@ -428,6 +428,21 @@ def cmd_presets(args: argparse.Namespace) -> None:
               f"{model.num_parameters():>18,}")
 
 
+def cmd_recipes(args: argparse.Namespace) -> None:
+    import textwrap
+
+    from lmforge.recipes.catalog import recipe_info, recipe_names, recipe_path
+
+    for name in recipe_names():
+        info = recipe_info(name)
+        needs = " ".join("CHECKPOINT" if key == "checkpoint" else f"--{key} ..." for key in info["needs"])
+        print(f"{name}: lmforge {info['command']} --recipe {name} {needs}")
+        for text in (info["description"], f"measured: {info['measured']}" if info["measured"] else ""):
+            if text:
+                print(textwrap.fill(text, 110, initial_indent="    ", subsequent_indent="    "))
+    print(f"\nthe YAML files (copy one to edit, then --config FILE): {recipe_path(recipe_names()[0]).parent}")
+
+
 # ----------------------------------------------------------------------------------- shared
 def _sampling_options(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The sampling flags given (:class:`SamplingConfig` field names and their values; those not given
@@ -726,6 +741,9 @@ def _add_start_commands(commands: Subcommands) -> None:
 
     p = _command(commands, "presets", "list the bundled model presets")
     p.set_defaults(func=cmd_presets)
+
+    p = _command(commands, "recipes", "list the shipped recipes (lmforge pretrain/finetune --recipe NAME)")
+    p.set_defaults(func=cmd_recipes)
 
 
 _COMMAND_GROUPS = (  # in the order of 'lmforge --help'

@@ -50,7 +50,7 @@ import torch
 from lmforge.config import SamplingConfig
 from lmforge.data.formats import prompt_and_reference, read_records, record_format
 from lmforge.data.labelled import FieldName, read_labelled
-from lmforge.data.tasks import read_pairs
+from lmforge.data.task_rows import read_pairs
 from lmforge.errors import ConfigError, DataError
 from lmforge.evaluation import metrics as M
 from lmforge.evaluation.options import check_option_type

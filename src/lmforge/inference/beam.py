@@ -26,11 +26,11 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from lmforge.inference.seq2seq import Seq2SeqDecoding
+from lmforge.inference.seq2seq_decoding import Seq2SeqDecoding
 
 
 class BeamDecoding(Protocol):
-    """A batch of decoder states, one per row (:class:`~lmforge.inference.seq2seq.Seq2SeqDecoding` is one)."""
+    """A batch of decoder states, one per row (:class:`~lmforge.inference.seq2seq_decoding.Seq2SeqDecoding` is one)."""
 
     def start(self) -> Tensor:
         """Logits (rows, V) of every row's first new token."""

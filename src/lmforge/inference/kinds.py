@@ -32,7 +32,7 @@ from lmforge.errors import ConfigError, RequestError
 from lmforge.inference.completion import complete
 from lmforge.inference.prompts import ANALYZE_TEMPLATE, CLASSIFICATION_TEMPLATE, task_prompt
 from lmforge.inference.scoring import continuation_logprob, label_logprobs
-from lmforge.inference.tasks import Answer, answer_questions, classify_texts, translate_texts
+from lmforge.inference.task_models import Answer, answer_questions, classify_texts, translate_texts
 from lmforge.tokenizer import Tokenizer
 
 GENERATIVE = ("generate", "complete", "stream", "chat", "stream_chat", "score", "perplexity", "token_logprobs")

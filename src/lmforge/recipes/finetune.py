@@ -24,7 +24,7 @@ from torch import nn
 from lmforge.config import FinetuneConfig, check_task_scope, to_dict
 from lmforge.data.formats import DEFAULT_CHAT_TEMPLATE, read_records, record_format
 from lmforge.data.supervised import EncodedSet, SupervisedBatches, collate, encode_set, split_records
-from lmforge.data.tasks import detect_task
+from lmforge.data.task_rows import detect_task
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.evaluation.harness import generation_examples, generation_metrics
 from lmforge.fileio import atomic_write_text
@@ -113,12 +113,12 @@ def resolve_task(config: FinetuneConfig) -> str:
 
 def finetune(config: FinetuneConfig) -> TrainResult:
     """Run (or resume) a fine-tuning run described by ``config``: generative fine-tuning (sft) here,
-    the task models in :mod:`lmforge.recipes.tasks`."""
+    the task models in :mod:`lmforge.recipes.task_runs`."""
     config.validate()
     task = resolve_task(config)
     check_task_scope(config, task)  # e.g. ngram_buckets outside classification
     if task != "sft":
-        from lmforge.recipes.tasks import finetune_task
+        from lmforge.recipes.task_runs import finetune_task
 
         return finetune_task(config, task)
     if not config.checkpoint:

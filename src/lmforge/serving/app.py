@@ -33,7 +33,7 @@ from lmforge.api import LanguageModel
 from lmforge.errors import LmforgeError
 from lmforge.inference.engine import Engine
 from lmforge.inference.prompts import encode_prompt
-from lmforge.serving import completions, tasks
+from lmforge.serving import completions, task_routes
 from lmforge.serving.errors import APIError, from_lmforge_error
 from lmforge.serving.metrics import CONTENT_TYPE_LATEST
 from lmforge.serving.middleware import ServingMiddleware
@@ -88,7 +88,7 @@ def create_app(model: LanguageModel | Callable[[], LanguageModel], *, api_key: s
 
     def publish(lm: LanguageModel, engine: Engine) -> None:
         server.metrics.watch(engine)
-        task_model = tasks.PromptTasks if lm.adapter.engine_decodes else tasks.CheckpointTasks
+        task_model = task_routes.PromptTasks if lm.adapter.engine_decodes else task_routes.CheckpointTasks
         server.lm, server.engine, server.tasks = lm, engine, task_model(lm, engine)
 
     def load_and_serve(loop: asyncio.AbstractEventLoop) -> None:
@@ -133,7 +133,7 @@ def create_app(model: LanguageModel | Callable[[], LanguageModel], *, api_key: s
     app.state.server = server
     _add_error_handlers(app)
     app.include_router(completions.router)
-    app.include_router(tasks.router)
+    app.include_router(task_routes.router)
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:

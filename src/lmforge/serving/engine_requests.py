@@ -55,16 +55,19 @@ def sampling_options(body: SamplingFields, max_tokens: int | None) -> SamplingCo
         raise APIError(400, str(exc)) from None
 
 
-def engine_prompt(lm: LanguageModel, ids: list[int], what: str = "prompt", param: str = "prompt") -> list[int]:
+def engine_prompt(lm: LanguageModel, ids: list[int], what: str = "prompt", param: str = "prompt",
+                  truncate: bool = False, reserve: int = 0) -> list[int]:
     """Prompt ids as the engine takes them: they must leave room for one new token (the engine has no
-    sliding window), else a 400 ``context_length_exceeded`` naming ``param``."""
-    return fit_prompt(ids, lm.tokenizer, lm.context_length, room=1, what=what, param=param,
-                      hint="; shorten it").ids
+    sliding window), else a 400 ``context_length_exceeded`` naming ``param``; with ``truncate`` they lose
+    their start instead, leaving room for ``reserve`` new tokens (at most half the context)."""
+    return fit_prompt(ids, lm.tokenizer, lm.context_length, room=1, truncate=truncate, reserve=reserve,
+                      what=what, param=param, hint="; shorten it").ids
 
 
-def encode_engine_prompt(lm: LanguageModel, prompt: str, param: str = "prompt") -> list[int]:
+def encode_engine_prompt(lm: LanguageModel, prompt: str, param: str = "prompt", truncate: bool = False,
+                         reserve: int = 0) -> list[int]:
     """:func:`engine_prompt` of a prompt text (:func:`~lmforge.inference.prompts.encode_prompt`)."""
-    return engine_prompt(lm, encode_prompt(lm.tokenizer, prompt), param=param)
+    return engine_prompt(lm, encode_prompt(lm.tokenizer, prompt), param=param, truncate=truncate, reserve=reserve)
 
 
 def task_routes(lm: LanguageModel) -> list[str]:

@@ -33,7 +33,7 @@ class ServerState:
     created: int = 0
     lm: LanguageModel | None = None
     engine: Engine | None = None
-    tasks: Any = None                        # the serving.tasks.TaskModel behind the task endpoints
+    tasks: Any = None                        # the serving.task_routes.TaskModel behind the task endpoints
     relay: EventRelay | None = None          # engine thread -> event loop; made when the app starts
     load_error: str | None = None
 

@@ -103,9 +103,11 @@ class PromptTasks:
     def __init__(self, lm: LanguageModel, engine: Engine):
         self.lm, self.engine = lm, engine
 
-    async def generate(self, request: Request, prompt: str, sampling: SamplingConfig) -> TaskAnswer:
-        """Generate after a plain ``prompt``."""
-        return await self._generate(request, encode_engine_prompt(self.lm, prompt), prompt, sampling)
+    async def generate(self, request: Request, prompt: str, sampling: SamplingConfig,
+                       truncate: bool = False) -> TaskAnswer:
+        """Generate after a plain ``prompt`` (with ``truncate``, one too long loses its start)."""
+        ids = encode_engine_prompt(self.lm, prompt, truncate=truncate, reserve=sampling.max_new_tokens)
+        return await self._generate(request, ids, prompt, sampling)
 
     async def _task(self, request: Request, task: str, fields: dict[str, str], sampling: SamplingConfig,
                     truncate: bool) -> TaskAnswer:
@@ -173,8 +175,9 @@ class CheckpointTasks:
         set_usage(request, completion_tokens=tokens)
         return TaskAnswer(output, "length" if tokens >= sampling.max_new_tokens else "stop", prompt_tokens, tokens)
 
-    async def generate(self, request: Request, prompt: str, sampling: SamplingConfig) -> TaskAnswer:
-        return await self._generated(request, self.lm.generate, prompt, sampling)
+    async def generate(self, request: Request, prompt: str, sampling: SamplingConfig,
+                       truncate: bool = False) -> TaskAnswer:
+        return await self._generated(request, self.lm.generate, prompt, sampling, truncate=truncate)
 
     async def summarize(self, request: Request, text: str, sampling: SamplingConfig,
                         truncate: bool = False) -> TaskAnswer:
@@ -306,7 +309,7 @@ async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
     check_max_tokens(body.max_tokens, lm.context_length)
     sampling = sampling_options(body, body.max_tokens)
     tasks = PromptTasks(lm, engine) if lm.adapter.engine_decodes else CheckpointTasks(lm, engine)
-    answer = await tasks.generate(request, body.prompt, sampling)
+    answer = await tasks.generate(request, body.prompt, sampling, **_truncation(body))
     return _answer(request, "text", answer)
 
 

@@ -1,7 +1,7 @@
 """Inference of the task models: class probabilities, answer spans, and seq2seq outputs.
 
 These run a task model on raw texts, encoding them exactly as the training data was encoded
-(:mod:`lmforge.data.tasks`), so that :class:`lmforge.api.LanguageModel`, the evaluators of the task
+(:mod:`lmforge.data.task_rows`), so that :class:`lmforge.api.LanguageModel`, the evaluators of the task
 recipes and the server share one implementation.
 """
 
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lmforge.config import SamplingConfig
 from lmforge.data.qa import best_span, qa_windows
-from lmforge.data.tasks import QAExample, encode_source, encode_text, pad_id_of, pad_rows
+from lmforge.data.task_rows import QAExample, encode_source, encode_text, pad_id_of, pad_rows
 from lmforge.errors import ConfigError
 from lmforge.models import eval_mode
 from lmforge.tokenizer import Tokenizer
@@ -116,7 +116,7 @@ def translate_ids(model: nn.Module, tokenizer: Tokenizer, sources: Sequence[Sequ
     ``sampling``); with ``num_return_sequences`` n (beam search only) the n best of every source, best
     first, source after source. Sources are sorted by length so that batches carry little padding."""
     from lmforge.inference.beam import beam_search  # the seq2seq family's own generation
-    from lmforge.inference.seq2seq import generate_seq2seq
+    from lmforge.inference.seq2seq_decoding import generate_seq2seq
 
     if sampling is None:
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)

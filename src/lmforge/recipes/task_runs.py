@@ -27,7 +27,7 @@ from lmforge.data.bpe_dropout import SampledSegmentations, sampled_segmentations
 from lmforge.data.folding import folded_ids
 from lmforge.data.qa import separator_id
 from lmforge.data.supervised import ShuffledBatches, split_records
-from lmforge.data.tasks import (
+from lmforge.data.task_rows import (
     collate_classification,
     collate_pairs,
     encode_labelled,
@@ -40,7 +40,7 @@ from lmforge.data.tasks import (
 from lmforge.errors import ConfigError, DataError
 from lmforge.evaluation import metrics as M
 from lmforge.fileio import atomic_write_text
-from lmforge.inference.tasks import (
+from lmforge.inference.task_models import (
     answer_questions,
     classification_probabilities,
     qa_rows,
@@ -308,7 +308,7 @@ def qa_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: Tokenizer) ->
 
 def collate_spans(rows: list[tuple[list[int], int, int]], pad_id: int) -> dict[str, torch.Tensor]:
     """``input_ids``/``attention_mask`` (B, T) and the answer's ``start_positions``/``end_positions`` (B,)."""
-    from lmforge.data.tasks import pad_rows
+    from lmforge.data.task_rows import pad_rows
 
     ids, mask = pad_rows([r[0] for r in rows], pad_id)
     return {"input_ids": ids, "attention_mask": mask, "start_positions": torch.tensor([r[1] for r in rows]),

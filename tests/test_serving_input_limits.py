@@ -257,6 +257,15 @@ def test_bad_stop_values_are_a_400_naming_stop(client, route, base):
     assert_still_serving(client)
 
 
+@pytest.mark.parametrize("route, base", STOP_ROUTES, ids=STOP_IDS)
+def test_temperature_is_in_openais_range(client, route, base):
+    for temperature in (0, 0.7, 2):
+        assert client.post(route, json={**base, "temperature": temperature}).status_code == 200
+    for temperature in (-0.1, 2.01, 1e9, "hot"):
+        error = assert_error(client.post(route, json={**base, "temperature": temperature}), 400)
+        assert error["param"] == "temperature", error
+
+
 # ------------------------------------------------------------------------------------------
 # Chat messages without content
 # ------------------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ QA_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
 #: the spaces before it belong to the label (so BPE sees " positive" as in running text).
 CLASSIFICATION_TEMPLATE = "Text: {text}\nLabel: {label}"
 
+#: what the context-length error of a task input suggests (the API's argument and the HTTP field are both named so)
+TRUNCATE_HINT = "; shorten it, or set truncate to cut its start"
+
 #: task -> (template, the field that truncation shortens)
 TASK_TEMPLATES = {
     "summarize": (SUMMARIZE_TEMPLATE, "text"),
@@ -117,7 +120,7 @@ def task_prompt(tokenizer: Tokenizer, task: str, fields: dict[str, str], context
     if len(ids) <= context - room:
         return Prompt(ids, 0)
     if not truncate:
-        raise context_error(f"prompt made from the {document}", len(ids), context, document, 1, "; shorten it")
+        raise context_error(f"prompt made from the {document}", len(ids), context, document, 1, TRUNCATE_HINT)
     body = tokenizer.encode(fields[document])
     keep, dropped = len(body) - (len(ids) - (context - room)), 0
     while keep > 0:  # the chat template may tokenize the cut text a little differently: shorten until it fits
@@ -144,7 +147,7 @@ def templated_prompt(tokenizer: Tokenizer, template: str, fields: dict[str, str]
     if len(ids) <= budget:
         return Prompt(ids, 0)
     if not truncate:
-        raise context_error(f"prompt made from the {document}", len(ids), budget + 1, param, 1, "; shorten it")
+        raise context_error(f"prompt made from the {document}", len(ids), budget + 1, param, 1, TRUNCATE_HINT)
     before, after = (_fill(part, fields) for part in template.split("{" + document + "}"))
     parts = [tokenizer.encode(before), tokenizer.encode(fields[document]), tokenizer.encode(after)]
     keep = budget - len(head) - len(parts[0]) - len(parts[2])

@@ -74,7 +74,7 @@ class SamplingFields(RequestBody):
     """The fields both generation routes share."""
 
     model: str | None = None
-    temperature: float | None = Field(None, ge=0.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # OpenAI's range
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = None            # <= 0 means off (as in vLLM)
     min_p: float | None = Field(None, ge=0.0, le=1.0)  # 0 means off

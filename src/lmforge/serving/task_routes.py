@@ -211,7 +211,7 @@ class CheckpointTasks:
 class _TaskSampling(SamplingFields):
     """Sampling fields of the generative tasks: greedy unless asked otherwise, no streaming."""
 
-    temperature: float | None = Field(0.0, ge=0.0)
+    temperature: float | None = Field(0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(64, ge=1)
     truncate: bool = False  # a document too long for the context loses its start instead of a 400
 
@@ -232,7 +232,7 @@ class _TaskSampling(SamplingFields):
 
 class GenerateRequest(_TaskSampling):
     prompt: str
-    temperature: float | None = Field(None, ge=0.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
 
 
 class SummarizeRequest(_TaskSampling):

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("interop",),
     ("api",),
     ("evaluation",),
+    ("alignment",),
     ("recipes",),
     ("serving",),
     ("quickstart", "chat", "cli", "__main__"),

@@ -18,7 +18,10 @@ What else a model can do depends on what the checkpoint is (:attr:`LanguageModel
 * a masked-language model (``lmforge pretrain`` of an encoder): ``fill_mask``.
 
 Every task method takes a string or a list of strings (batched) and answers in kind. The CLI and
-the server call these same methods.
+the server call these same methods. ``LanguageModel`` is a facade: prompts, scoring and generation are
+the text core's (:mod:`lmforge.inference.prompts`, :mod:`~lmforge.inference.scoring`,
+:mod:`~lmforge.inference.completion`), and what differs by kind of checkpoint is its adapter's
+(:mod:`lmforge.inference.kinds`).
 """
 
 from __future__ import annotations

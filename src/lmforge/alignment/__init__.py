@@ -1,0 +1,1 @@
+"""Alignment: rewards and text environments (policy optimisation, reward models and DPO are still to come)."""

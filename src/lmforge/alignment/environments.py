@@ -17,7 +17,8 @@ Shipped environments:
 :func:`run_episodes` plays a batch of episodes with a ``generate`` function (by default the one
 generation loop, :func:`lmforge.inference.completion.complete`), turn by turn, all active episodes in
 one batch. An :class:`Episode` keeps every turn's token ids as they were generated or encoded, so
-``ids``/``trained_mask`` are exact: a model turn's ids are the generated ones, never a re-encoding.
+``ids``/``trained_mask`` are exact: a model turn's ids are the generated ones (with the end-of-sequence
+token when the model chose it), never a re-encoding.
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ class Episode:
     turns: list[Turn] = field(default_factory=list)
     reward: float | None = None  # the environment's reward, or None: score with the run's rewards
     finish: str = ""             # "done" (the environment ended it), "turns" (the limit) or "context"
+    truncated: bool = False      # the model's last turn hit max_new_tokens
 
     @property
     def ids(self) -> list[int]:
@@ -224,7 +226,9 @@ def run_episodes(environments: Sequence[Environment], rows: Sequence[dict[str, A
         for i, completion in zip(playing, generate(prompts) if prompts else []):
             episode, environment = episodes[i], environments[i]
             text = tokenizer.decode(completion.token_ids)  # with the stop string that ended the turn
-            episode.turns.append(Turn(list(completion.token_ids), text, True))
+            eos = [tokenizer.eos_id] if completion.eos and tokenizer.eos_id is not None else []
+            episode.turns.append(Turn(list(completion.token_ids) + eos, text, True))  # the policy chose the eos too
+            episode.truncated = completion.finish_reason == "length"
             observation, reward, done = environment.step(text)
             if done:
                 episode.reward, episode.finish = reward, "done"

@@ -21,6 +21,7 @@ exact: an lmforge -> Hugging Face -> lmforge round trip gives bit-identical tens
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from lmforge.device import DTYPES
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fileio import atomic_directory, check_output_folder, read_json_object
 from lmforge.models.decoder import DecoderLM
+from lmforge.models.lora import has_lora
 from lmforge.tokenizer import (
     SPECIAL_TOKENS_MAP_FILE,
     TOKENIZER_CONFIG_FILE,
@@ -50,10 +52,14 @@ from lmforge.training.checkpoint import (
     assign_weights,
     distinct_tensors,
     load_model,
+    resolve_checkpoint,
     save_weights_checkpoint,
     unique_state,
 )
+from lmforge.training.distributed import barrier
 from lmforge.version import __version__
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -464,3 +470,24 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> P
 
     atomic_directory(out, fill)
     return Path(out)
+
+
+def load_base_model(checkpoint: str | Path, run_dir: Path, context: Any, dropout: float | None = None) -> tuple[
+        torch.nn.Module, Tokenizer, Path]:
+    """The starting model of a fine-tuning, RL or preference run: (model, tokenizer, checkpoint path).
+    A Hugging Face folder is first imported into ``run_dir/base`` (by the main process of a
+    distributed ``context``). A LoRA checkpoint is refused: merge it first."""
+    base = Path(checkpoint)
+    if is_hf_folder(base):
+        converted = run_dir / "base"
+        if context.is_main and not (converted / "config.json").is_file():
+            log.info("importing the Hugging Face model %s into %s", base, converted)
+            import_hf(base, converted)
+        barrier(context)
+        base = converted
+    base = resolve_checkpoint(base)
+    model, tokenizer, _ = load_model(base, dropout=dropout)
+    if has_lora(model):
+        raise ConfigError(f"{base} is a LoRA checkpoint; merge it first ('lmforge merge-lora') and train the "
+                          f"merged checkpoint")
+    return model, tokenizer, base

@@ -22,9 +22,11 @@ Adapters appear in the state dict next to the wrapped layer: ``blocks.0.attn.qkv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +69,7 @@ class LoRALinear(nn.Module):
             self.lora_A[name] = nn.Parameter(torch.empty(r, base.in_features, **factory))
             self.lora_B[name] = nn.Parameter(torch.zeros(stop - start, r, **factory))
             nn.init.kaiming_uniform_(self.lora_A[name], a=math.sqrt(5))  # as nn.Linear (and PEFT)
+        self.enabled = True  # False: the layer computes base(x) alone (see adapters_disabled)
         self.train(base.training)
 
     # The wrapped layer's attributes, so code that reads e.g. ``lm_head.weight`` keeps working.
@@ -90,6 +93,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(..., in_features) -> (..., out_features): base(x), plus each adapter in its rows."""
         out = self.base(x)  # (..., out)
+        if not self.enabled:
+            return out
         h = self.dropout(x)  # (..., in)
         for name, (start, stop) in self.rows.items():
             delta = F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name]) * self.scaling  # (..., rows)
@@ -115,6 +120,21 @@ class LoRALinear(nn.Module):
 def has_lora(model: nn.Module) -> bool:
     """Whether ``model`` has LoRA adapters (and so is not a plain model)."""
     return any(isinstance(module, LoRALinear) for module in model.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its frozen base inside the block: every adapter is switched off (the
+    reference policy of RL and DPO costs no second copy of the weights)."""
+    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    states = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, states):
+            layer.enabled = state
 
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:

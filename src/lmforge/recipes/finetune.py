@@ -28,17 +28,15 @@ from lmforge.data.task_rows import detect_task
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.evaluation.harness import generation_examples, generation_metrics
 from lmforge.fileio import atomic_write_text
-from lmforge.interop.hf import import_hf, is_hf_folder
-from lmforge.models.lora import apply_lora, count_trainable, has_lora
+from lmforge.interop.hf import load_base_model
+from lmforge.models.lora import apply_lora, count_trainable
 from lmforge.training.checkpoint import (
     base_reference,
     fingerprint,
     latest_checkpoint,
-    load_model,
     read_config,
-    resolve_checkpoint,
 )
-from lmforge.training.distributed import DistContext, all_reduce_sum, barrier
+from lmforge.training.distributed import DistContext, all_reduce_sum
 from lmforge.training.loop import TrainResult, setup_runtime, train
 from lmforge.training.objectives import causal_lm_loss, summed_causal_lm_loss
 
@@ -79,24 +77,6 @@ def _spread(total: int, count: int | None) -> list[int]:
     return sorted({int(i * total / count) for i in range(count)})
 
 
-def load_base(config: FinetuneConfig, run_dir: Path, context: DistContext) -> tuple[nn.Module, Any, Path]:
-    """The base model and tokenizer; a Hugging Face folder is first imported into ``run_dir/base``."""
-    base = Path(config.checkpoint)
-    if is_hf_folder(base):
-        converted = run_dir / "base"
-        if context.is_main and not (converted / "config.json").is_file():
-            log.info("importing the Hugging Face model %s into %s", base, converted)
-            import_hf(base, converted)
-        barrier(context)
-        base = converted
-    base = resolve_checkpoint(base)
-    model, tokenizer, _ = load_model(base, dropout=config.dropout)
-    if has_lora(model):
-        raise ConfigError(f"{base} is a LoRA checkpoint; merge it first ('lmforge merge-lora') and fine-tune "
-                          f"the merged checkpoint")
-    return model, tokenizer, base
-
-
 def resolve_task(config: FinetuneConfig) -> str:
     """The task of a run: ``config.task``, or (auto) what the data is: parallel files or source/target
     records are seq2seq, CSV/TSV files and labelled records classification, SQuAD-style records qa,
@@ -126,7 +106,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     run_dir = Path(config.out)
     runtime = setup_runtime(config.train)
     context, train_config = runtime.context, config.train
-    model, tokenizer, base = load_base(config, run_dir, context)
+    model, tokenizer, base = load_base_model(config.checkpoint, run_dir, context, config.dropout)
     if model.config.family not in ("decoder", "lstm") or hasattr(model, "backbone"):
         raise ConfigError(f"{base} is not a causal language model: generative fine-tuning (sft) needs a decoder "
                           f"or LSTM language model; for it use --task classification, qa or seq2seq")

@@ -50,6 +50,9 @@ Objective = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 Evaluator = Callable[[nn.Module, bool], dict[str, float]]
 """(unwrapped model in eval mode, final) -> metrics such as ``{"val_loss": ..., "val_ppl": ...}``."""
 
+IntervalMetrics = Callable[[], dict[str, float]]
+"""() -> a recipe's own numbers since the last log line (e.g. RL's rewards), logged with the loss."""
+
 
 class BatchSource(Protocol):
     def batch(self, step: int, micro: int) -> dict[str, Tensor]:
@@ -123,14 +126,17 @@ def _format_eta(seconds: float) -> str:
 
 def train(model: nn.Module, objective: Objective, batches: BatchSource, evaluator: Evaluator,
           tokenizer: Tokenizer, config: TrainConfig, run_dir: str | Path, runtime: Runtime, *,
-          resume: bool = False, info: dict[str, Any] | None = None) -> TrainResult:
+          resume: bool = False, info: dict[str, Any] | None = None,
+          interval_metrics: IntervalMetrics | None = None) -> TrainResult:
     """Train ``model`` until ``config.max_steps`` or ``config.max_time``; evaluate, checkpoint, plot.
 
     Writes into ``run_dir``: ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/step-N``,
-    ``checkpoints/best``, ``checkpoints/final`` and ``loss.png`` (rank 0 only).
+    ``checkpoints/best``, ``checkpoints/final`` and ``loss.png`` (rank 0 only). ``interval_metrics``,
+    if given, is called at every log line and its numbers are logged with the loss.
     """
-    return _Trainer(model, objective, batches, evaluator, tokenizer, config, Path(run_dir), runtime,
-                    info or {}).run(resume)
+    trainer = _Trainer(model, objective, batches, evaluator, tokenizer, config, Path(run_dir), runtime, info or {})
+    trainer.interval_metrics = interval_metrics
+    return trainer.run(resume)
 
 
 class _Trainer:
@@ -150,6 +156,7 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.tokens, self.elapsed, self.elapsed_before, self.best_val = 0, 0, 0.0, 0.0, math.inf
         self.last_log: dict[str, float] = {}
+        self.interval_metrics: IntervalMetrics | None = None
 
     # -------------------------------------------------------------- the loop
     def run(self, resume: bool) -> TrainResult:
@@ -235,6 +242,8 @@ class _Trainer:
         tokens_per_sec = self.interval_tokens / max(now - self.interval_start, 1e-9)
         self.last_log = {"train_loss": mean_loss, "lr": self.lr, "tokens": self.tokens,
                          "tokens_per_sec": tokens_per_sec, "elapsed": self.elapsed}
+        if self.interval_metrics is not None:
+            self.last_log.update(self.interval_metrics())
         if self.tracker:
             self.tracker.log(self.step, self.last_log)
         self._reset_interval()
@@ -243,7 +252,8 @@ class _Trainer:
         remaining = (1 - fraction) / rate if rate > 0 else 0.0
         self.bar.n = int(min(fraction, 1.0) * 1000)
         total = f"/{config.max_steps}" if config.max_steps else ""
-        self.bar.set_postfix_str(f"step {self.step}{total} loss {mean_loss:.4f} lr {self.lr:.2e} "
+        reward = f"reward {self.last_log['reward']:.3f} " if "reward" in self.last_log else ""
+        self.bar.set_postfix_str(f"step {self.step}{total} loss {mean_loss:.4f} {reward}lr {self.lr:.2e} "
                                  f"{tokens_per_sec / 1000:.1f}k tok/s eta {_format_eta(remaining)}", refresh=False)
         self.bar.update(0)
 

@@ -28,7 +28,7 @@ class RLTrainConfig(TrainConfig):
     save_interval: int = option(50, "save a checkpoint every this many steps (0: only at the end)")
     log_interval: int = option(5, "write metrics every this many steps")
     best_metric: str = option("reward", "the held-out number that picks checkpoints/best: reward (the mean "
-                                        "total reward, higher is better) or rewards/NAME for one reward")
+                                        "total reward, higher is better)")
 
 
 @dataclass

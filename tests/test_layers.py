@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("evaluation",),
     ("recipes",),
     ("serving",),
-    ("quickstart", "chat", "cli", "__main__"),
+    ("quickstart", "chat", "cli_parsing", "cli_alignment", "cli", "__main__"),
 ]
 
 

@@ -15,28 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lmforge.cli_alignment import add_alignment_commands
+from lmforge.cli_parsing import Formatter, Parser, Subcommands
+from lmforge.cli_parsing import add_checkpoint as _add_checkpoint
+from lmforge.cli_parsing import add_config_options as _add_config_options
+from lmforge.cli_parsing import command as _command
+from lmforge.cli_parsing import run_config as _run_config
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.version import __version__
 
 log = logging.getLogger("lmforge")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake as one ``error:`` line and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Shows an option's default where it has a meaningful one."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "(default" not in text and action.option_strings and action.default not in (None, False,
-                                                                                         argparse.SUPPRESS):
-            text += " (default: %(default)s)"
-        return text
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -70,34 +58,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     verb = "already prepared (inputs and tokenizer unchanged)" if meta["reused"] else "prepared"
     print(f"{verb}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) "
           f"in {args.out}")
-
-
-_SHORTHANDS = {"model": "preset", "data": "path"}  # 'model: NAME' is 'model: {preset: NAME}', and so on
-
-
-def _run_config(args: argparse.Namespace, cls: type, command: str, shorthands: tuple[str, ...]) -> tuple[Any, dict]:
-    """The config of a training command, ``cls`` built from the ``--recipe NAME`` values updated by the
-    ``--config FILE`` ones updated by the flags (nested mappings, deep-merged in that order); and that
-    merged mapping, which says what was given. In each, a string stands for a whole ``shorthands``
-    section: ``model: NAME`` is ``model: {preset: NAME}``, ``data: FILE`` is ``data: {path: FILE}``."""
-    from lmforge.config import read_config_file
-    from lmforge.options import build_dataclass, deep_merge, field_names, namespace_to_dict
-
-    layers = []
-    if args.recipe:
-        from lmforge.recipes.catalog import recipe_values
-
-        layers.append(recipe_values(args.recipe, command))
-    if args.config:  # (a copied recipe file's 'recipe:' header is its description, not an option)
-        layers.append({k: v for k, v in read_config_file(args.config).items() if k != "recipe"})
-    layers.append(namespace_to_dict(args, keep=field_names(cls)))
-    values: dict[str, Any] = {}
-    for layer in layers:
-        for section in shorthands:
-            if isinstance(layer.get(section), str):
-                layer = {**layer, section: {_SHORTHANDS[section]: layer[section]}}
-        values = deep_merge(values, layer)
-    return build_dataclass(cls, values), values
 
 
 def _pretrain_config(args: argparse.Namespace) -> Any:
@@ -465,18 +425,6 @@ def _checkpoints(args: argparse.Namespace) -> Any:
 # Each option group is declared once, here or in the dataclass it comes from: SamplingConfig (sampling
 # flags), PretrainConfig/FinetuneConfig (training), ServeConfig (serving), lmforge.evaluation.options
 # (eval task options).
-Subcommands = Any  # what ArgumentParser.add_subparsers returns
-
-
-def _command(commands: Subcommands, name: str, help: str, description: str = "") -> argparse.ArgumentParser:
-    return commands.add_parser(name, help=help, description=description or help, formatter_class=_Formatter)
-
-
-def _add_checkpoint(parser: argparse.ArgumentParser, what: str = "checkpoint or run directory", hf: bool = False,
-                    **kwargs: Any) -> None:
-    parser.add_argument("checkpoint", help=what + (", or a Hugging Face folder" if hf else ""), **kwargs)
-
-
 def _add_device_options(parser: argparse.ArgumentParser, dtype: str = "fp32", dtype_help: str = "") -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     parser.add_argument("--dtype", default=dtype,
@@ -502,14 +450,6 @@ def _add_sampling_options(parser: argparse.ArgumentParser, skip: tuple[str, ...]
     from lmforge.options import add_arguments
 
     add_arguments(parser, SamplingConfig, flat=True, skip=skip)
-
-
-def _add_config_options(parser: argparse.ArgumentParser, command: str, sections: str) -> None:
-    """``--config FILE`` and ``--recipe NAME``, the bases of a training command's flags."""
-    parser.add_argument("--config", metavar="FILE", help=f"YAML file with {sections}")
-    parser.add_argument("--recipe", metavar="NAME",
-                        help=f"a shipped {command} recipe (the settings of a measured run) to start from: "
-                             "--config FILE and flags override it (an unknown NAME lists the recipes)")
 
 
 def _add_data_commands(commands: Subcommands) -> None:
@@ -693,7 +633,7 @@ def _add_task_commands(commands: Subcommands) -> None:
 
 
 def _format(formats: Subcommands, name: str, help: str, description: str) -> argparse.ArgumentParser:
-    return formats.add_parser(name, help=help, description=description, formatter_class=_Formatter)
+    return formats.add_parser(name, help=help, description=description, formatter_class=Formatter)
 
 
 def _formats(parser: argparse.ArgumentParser) -> Subcommands:
@@ -747,14 +687,14 @@ def _add_start_commands(commands: Subcommands) -> None:
 
 
 _COMMAND_GROUPS = (  # in the order of 'lmforge --help'
-    _add_data_commands, _add_pretrain_command, _add_finetune_command, _add_checkpoint_commands, _add_chat_command,
-    _add_eval_command, _add_serving_commands, _add_generate_command, _add_task_commands, _add_interop_commands,
-    _add_start_commands,
+    _add_data_commands, _add_pretrain_command, _add_finetune_command, add_alignment_commands,
+    _add_checkpoint_commands, _add_chat_command, _add_eval_command, _add_serving_commands, _add_generate_command,
+    _add_task_commands, _add_interop_commands, _add_start_commands,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="lmforge", formatter_class=_Formatter,
+    parser = Parser(prog="lmforge", formatter_class=Formatter,
                     description="Train, fine-tune, evaluate and serve language models, offline and CPU first.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages")

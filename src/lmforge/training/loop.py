@@ -93,6 +93,7 @@ class TrainResult:
     final_checkpoint: Path
     best_checkpoint: Path | None
     resumed_from: Path | None
+    seconds: dict[str, float] = field(default_factory=dict)  # this session: steps, batches (inside steps), evaluation
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -157,6 +158,7 @@ class _Trainer:
         self.step, self.tokens, self.elapsed, self.elapsed_before, self.best_val = 0, 0, 0.0, 0.0, math.inf
         self.last_log: dict[str, float] = {}
         self.interval_metrics: IntervalMetrics | None = None
+        self.seconds = {"steps": 0.0, "batches": 0.0, "evaluation": 0.0}
 
     # -------------------------------------------------------------- the loop
     def run(self, resume: bool) -> TrainResult:
@@ -206,11 +208,14 @@ class _Trainer:
 
     def _optimizer_step(self, train_model: nn.Module) -> None:
         config, scaler = self.config, self.scaler
+        started = time.perf_counter()
         self.lr = learning_rate(self.step, config, self.elapsed)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * group.get("lr_scale", 1.0)  # layer-wise decay scales some groups
         for micro in range(config.grad_accum):
+            fetch = time.perf_counter()
             batch = _to_device(self.batches.batch(self.step, micro), self.device)
+            self.seconds["batches"] += time.perf_counter() - fetch
             last_micro = micro == config.grad_accum - 1
             sync = contextlib.nullcontext() if last_micro or not self.context.enabled else train_model.no_sync()
             with sync:
@@ -227,6 +232,7 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.interval_steps += 1
+        self.seconds["steps"] += time.perf_counter() - started
 
     # -------------------------------------------------------------- logging and progress
     def _reset_interval(self) -> None:
@@ -259,10 +265,12 @@ class _Trainer:
 
     # -------------------------------------------------------------- evaluation and checkpoints
     def _evaluate(self, final: bool) -> dict[str, float]:
+        started = time.perf_counter()
         self.model.eval()
         with torch.no_grad(), autocast(self.device, self.dtype):
             metrics = self.evaluator(self.model, final)
         self.model.train()
+        self.seconds["evaluation"] += time.perf_counter() - started
         return metrics
 
     def _evaluate_and_keep_best(self) -> None:
@@ -337,7 +345,8 @@ class _Trainer:
             plot_loss(self.run_dir)
         barrier(self.context)
         return TrainResult(self.step, self.tokens, self.elapsed, {**self.last_log, **final_metrics}, self.best_val,
-                           self.run_dir, self.checkpoints / "final", self.checkpoints / "best", resumed_from)
+                           self.run_dir, self.checkpoints / "final", self.checkpoints / "best", resumed_from,
+                           dict(self.seconds))
 
 
 def _progress(step: int, elapsed: float, config: TrainConfig) -> float:

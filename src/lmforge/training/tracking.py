@@ -66,8 +66,14 @@ def read_metrics(file: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+SCORE_CURVES = (("reward", "train reward"), ("val_reward", "held-out reward"),
+                ("rewards/accuracies", "train preference accuracy"), ("val_accuracy", "held-out accuracy"))
+"""Higher-is-better numbers drawn in a second panel of ``loss.png`` when a run logs them."""
+
+
 def plot_loss(run_dir: str | Path, title: str = "") -> Path | None:
-    """Draw training and validation loss against tokens (or steps) into ``loss.png``."""
+    """Draw training and validation loss against steps into ``loss.png``, and next to them the rewards
+    and accuracies of :data:`SCORE_CURVES` that the run logged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,18 +83,30 @@ def plot_loss(run_dir: str | Path, title: str = "") -> Path | None:
     records = read_metrics(run_dir / METRICS_FILE)
     train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    scores = [(label, [(r["step"], r[name]) for r in records if name in r]) for name, label in SCORE_CURVES]
+    scores = [(label, points) for label, points in scores if points]
     if not train and not val:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(12 if scores else 7, 4.5), dpi=110, squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5, markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel("loss (nats / token)" if not scores else "loss")
     ax.set_title(title or run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
+    if scores:
+        right = axes[0][1]
+        for label, points in scores:
+            right.plot(*zip(*points), "o-" if label.startswith("held-out") else "-", label=label, linewidth=1.2,
+                       markersize=3)
+        right.set_xlabel("step")
+        right.set_ylabel("reward / accuracy (higher is better)")
+        right.grid(alpha=0.3)
+        right.legend()
     fig.tight_layout()
     out = run_dir / PLOT_FILE
     with atomic_path(out) as tmp:

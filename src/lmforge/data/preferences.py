@@ -92,8 +92,8 @@ def encode_reply(tokenizer: Tokenizer, prompt: str | Messages, reply: Any, max_l
     """(ids, start): ``head + prompt + reply + eos`` token ids and the index of the reply's first token;
     ``head`` is what a text prompt starts with (:func:`lmforge.inference.prompts.prompt_head`). Chat
     prompts go through the tokenizer's chat template (lmforge's default one if it has none). A pair
-    longer than ``max_length`` drops the start of its prompt (the head stays), then the end of its
-    reply."""
+    longer than ``max_length`` drops the start of its prompt (the head, or the bos a chat template starts
+    with, stays), then the end of its reply; a DataError when not even one reply token fits."""
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     if _is_messages(prompt):
         if not tokenizer.chat_template:
@@ -103,7 +103,8 @@ def encode_reply(tokenizer: Tokenizer, prompt: str | Messages, reply: Any, max_l
         full, _ = encode_example({"messages": messages + _reply_messages(reply, "reply")}, "chat", tokenizer)
         if full[:len(head)] != head:
             raise DataError("the chat template does not render the prompt as the start of the conversation")
-        head, prompt_ids, reply_ids = [], head, full[len(head):]
+        prompt_ids, reply_ids = head, full[len(head):]
+        head = head[:1] if head[:1] == [tokenizer.bos_id] else []  # a template's leading bos stays, as a text's head
     else:
         if not isinstance(prompt, str) or not isinstance(reply, str):
             raise DataError("a text prompt needs text replies")
@@ -114,6 +115,9 @@ def encode_reply(tokenizer: Tokenizer, prompt: str | Messages, reply: Any, max_l
     if over > 0:
         keep = max(1 if not head else 0, len(prompt_ids) - len(head) - over)
         prompt_ids = head + prompt_ids[len(prompt_ids) - keep:] if keep else head
+        if max_length - len(prompt_ids) < 1:
+            raise DataError(f"max_length {max_length} leaves no room for a reply after the {len(prompt_ids)} "
+                            "prompt token(s) that must stay; raise max_length")
         reply_ids = reply_ids[:max_length - len(prompt_ids)]
     return prompt_ids + reply_ids, len(prompt_ids)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import corpus_text, read_jsonl, tiny_pretrain_config
 
+from conftest import corpus_text, read_jsonl, tiny_pretrain_config
 from lmforge.alignment.config import RLConfig, RLTrainConfig
 from lmforge.alignment.environments import Episode, Turn
 from lmforge.alignment.losses import sequence_logprobs
@@ -168,3 +168,41 @@ def test_bad_input_is_a_one_line_error(base, task, tmp_path):
         few.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(20)))
         rl(config_for(base, task, tmp_path / "g", prompts=str(few)))
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+@pytest.mark.skipif(not GSM8K.is_file(), reason="needs ../shared/data/gsm8k")
+def test_gsm8k_is_a_prompt_set_out_of_the_box():
+    from lmforge.alignment.policy_optimization import read_prompts
+
+    rows, column = read_prompts(str(GSM8K), "auto")
+    assert column == "question" and len(rows) > 7000
+    rewards = build_rewards(RLConfig(checkpoint="x", prompts=str(GSM8K)))  # the default: exact_answer
+    final = [row["answer"].rsplit("####", 1)[1].strip() for row in rows[:4]]
+    completions = [f"Step by step... so the answer is {n}." for n in final[:2]] + ["It is 3.", "#### -1"]
+    scores = rewards([r["question"] for r in rows[:4]], completions, {"answer": [r["answer"] for r in rows[:4]]})
+    assert scores.total[:2] == [1.0, 1.0] and scores.total[2:] == [float(final[2] == "3"), 0.0]
+
+
+def test_the_command_line_runs_and_refuses_bad_input_with_exit_code_2(base, task, tmp_path, capsys):
+    from lmforge.cli import main
+
+    common = [str(base), "--prompts", str(task[0]), "--val_size", "16", "--num_generations", "4",
+              "--max_new_tokens", "8", "--train.batch_size", "8", "--train.progress", "false"]
+    assert main(["rl", *common, "--reward", f"{task[1]}:e_share", "--train.max_steps", "2",
+                 "--out", str(tmp_path / "cli")]) == 0
+    assert "held-out (greedy) reward" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "checkpoints" / "final").is_dir()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for argv, message in ((["rl", str(base), "--prompts", str(empty), "--out", str(tmp_path / "x")], "empty"),
+                          ([*common[:-4], "--num_generations", "3"], "does not divide"),
+                          (["rl", *common, "--reward", "no_such_package.rewards:f"], "does not import"),
+                          (["rl", *common, "--algorithm", "ppo"], "algorithm")):
+        if argv[0] != "rl":
+            argv = ["rl", *argv]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err and len(err.splitlines()) == 1, err

@@ -15,7 +15,12 @@ What else a model can do depends on what the checkpoint is (:attr:`LanguageModel
 * an extractive QA model (``--task qa``): ``answer(question, context)`` -> text, score, span;
 * an encoder-decoder (``--task seq2seq``): ``translate``/``summarize`` (what it was trained for),
   ``analyze`` and ``generate``, with greedy, sampling or beam search;
-* a masked-language model (``lmforge pretrain`` of an encoder): ``fill_mask``.
+* a masked-language model (``lmforge pretrain`` of an encoder): ``fill_mask``;
+* a reward model (``lmforge train-reward``): ``reward(prompt, reply)``, ``score_pair``.
+
+A causal language model also trains on: ``lm.rl(prompts, reward=...)``, ``lm.dpo(pairs)`` and
+``lm.train_reward(pairs)`` run :mod:`lmforge.alignment` from its checkpoint and return the result's
+best checkpoint as a new ``LanguageModel``.
 
 Every task method takes a string or a list of strings (batched) and answers in kind. The CLI and
 the server call these same methods. ``LanguageModel`` is a facade: prompts, scoring and generation are
@@ -288,6 +293,62 @@ class LanguageModel:
         top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
         return [[(self.tokenizer.decode([i], skip_special_tokens=False), float(p))
                  for i, p in zip(row_ids.tolist(), row_p.tolist())] for row_ids, row_p in zip(top.indices, top.values)]
+
+
+    # ------------------------------------------------------------------ reward models
+    def reward(self, prompt: str | list[str], reply: str | list[str]) -> float | list[float]:
+        """A reward model's score of a reply to a prompt (or of lists of both, batched); higher is better."""
+        prompts, replies = _paired(prompt, reply, "prompts", "replies")
+        return _in_kind(prompt, self._require("reward").reward(prompts, replies))
+
+    def score_pair(self, prompt: str, chosen: str, rejected: str) -> float:
+        """A reward model's probability that ``chosen`` is the better reply: ``sigmoid(r(chosen) - r(rejected))``
+        (the Bradley-Terry model it was trained with)."""
+        first, second = self._require("reward").reward([prompt, prompt], [chosen, rejected])
+        return 1.0 / (1.0 + math.exp(-(first - second)))
+
+    # ------------------------------------------------------------------ alignment runs from this checkpoint
+    def _run_from_here(self, cls: type, options: dict[str, Any]) -> Any:
+        from lmforge.options import build_dataclass
+
+        if self.path is None:
+            raise ConfigError("this model was not loaded from a checkpoint directory: save it and load it first")
+        return build_dataclass(cls, {"checkpoint": str(self.path), **options})
+
+    def rl(self, prompts: str | Path, reward: Any = "exact_answer", out: str | Path = "runs/rl",
+           **options: Any) -> LanguageModel:
+        """Policy optimisation (GRPO by default) from this checkpoint on a JSONL prompt set against
+        ``reward``: a spec (``"exact_answer"``, ``"pkg.mod:func"``, ...), a callable
+        ``reward(prompts, completions, **columns)``, or a list of them. ``options`` are
+        :class:`~lmforge.alignment.config.RLConfig`'s (``num_generations=8, beta=0.04,
+        train={"max_steps": 100}, lora={"r": 8}``). Returns the best checkpoint, loaded."""
+        from lmforge.alignment.config import RLConfig
+        from lmforge.alignment.policy_optimization import rl
+
+        rewards = list(reward) if isinstance(reward, (list, tuple)) else [reward]
+        specs = [r for r in rewards if isinstance(r, str)]
+        config = self._run_from_here(RLConfig, {"prompts": str(prompts), "out": str(out), **options,
+                                                **({"reward": specs} if len(specs) == len(rewards) else {})})
+        result = rl(config, rewards=None if len(specs) == len(rewards) else rewards)
+        return LanguageModel.load(result.best_checkpoint or result.final_checkpoint, device=str(self.device))
+
+    def dpo(self, data: str | Path, out: str | Path = "runs/dpo", **options: Any) -> LanguageModel:
+        """DPO from this checkpoint on JSONL preference pairs; ``options`` are
+        :class:`~lmforge.alignment.config.PreferenceConfig`'s (``beta=0.1, loss_type="ipo"``, ...)."""
+        from lmforge.alignment.config import PreferenceConfig
+        from lmforge.alignment.preference_training import dpo
+
+        result = dpo(self._run_from_here(PreferenceConfig, {"data": str(data), "out": str(out), **options}))
+        return LanguageModel.load(result.best_checkpoint or result.final_checkpoint, device=str(self.device))
+
+    def train_reward(self, data: str | Path, out: str | Path = "runs/reward", **options: Any) -> LanguageModel:
+        """A reward model trained from this checkpoint on JSONL preference pairs (Bradley-Terry);
+        the returned model scores with :meth:`reward` and :meth:`score_pair`."""
+        from lmforge.alignment.config import PreferenceConfig
+        from lmforge.alignment.preference_training import train_reward
+
+        result = train_reward(self._run_from_here(PreferenceConfig, {"data": str(data), "out": str(out), **options}))
+        return LanguageModel.load(result.best_checkpoint or result.final_checkpoint, device=str(self.device))
 
 
 def _checked_labels(labels: Any) -> list[str]:

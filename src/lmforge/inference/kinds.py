@@ -16,6 +16,7 @@ kind                    tasks
 ``seq2seq``             ``translate``/``summarize`` (what it was trained for), ``analyze``,
                         ``generate``: greedy, sampling, beam search, minimum Bayes risk
 ``masked_lm``           ``fill_mask``
+``reward``              ``reward``: a scalar score of (prompt, reply) (a Bradley-Terry reward model)
 ======================  =====================================================================
 """
 
@@ -28,9 +29,10 @@ import torch
 from torch import nn
 
 from lmforge.config import SamplingConfig
+from lmforge.data.preferences import encode_reply
 from lmforge.errors import ConfigError, RequestError
 from lmforge.inference.completion import complete
-from lmforge.inference.prompts import ANALYZE_TEMPLATE, CLASSIFICATION_TEMPLATE, task_prompt
+from lmforge.inference.prompts import ANALYZE_TEMPLATE, CLASSIFICATION_TEMPLATE, prompt_head, task_prompt
 from lmforge.inference.scoring import continuation_logprob, label_logprobs
 from lmforge.inference.task_models import Answer, answer_questions, classify_texts, translate_texts
 from lmforge.tokenizer import Tokenizer
@@ -211,6 +213,31 @@ class Seq2SeqAdapter(KindAdapter):
         return self.generate([ANALYZE_TEMPLATE.format(context=c, text=t) for t, c in zip(texts, contexts)], options)
 
 
+class RewardModelAdapter(KindAdapter):
+    """A reward model (:mod:`lmforge.alignment.preference_training`): one scalar per (prompt, reply),
+    read at the reply's last token; the pair is encoded exactly as in training
+    (:func:`lmforge.data.preferences.encode_reply`), the prompt losing its start when too long."""
+
+    kind, description, capabilities = "reward", "reward model", ("reward",)
+
+    @torch.no_grad()
+    def reward(self, prompts: list[Any], replies: list[Any], batch_size: int = 32) -> list[float]:
+        head = prompt_head(self.tokenizer)
+        rows = [encode_reply(self.tokenizer, p, r, self.context_length, head)[0] for p, r in zip(prompts, replies)]
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        scores: list[float] = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            T = max(len(ids) for ids in chunk)
+            ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), T), dtype=torch.bool)
+            for i, row in enumerate(chunk):
+                ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), True
+            scores += self.model(ids.to(device), attention_mask=mask.to(device))[:, 0].float().tolist()
+        return scores
+
+
 class MaskedLMAdapter(KindAdapter):
     """A masked-language model (an encoder pretrained with MLM): ``fill_mask``."""
 
@@ -218,7 +245,8 @@ class MaskedLMAdapter(KindAdapter):
 
 
 ADAPTERS: dict[str, Callable[..., KindAdapter]] = {
-    a.kind: a for a in (CausalLMAdapter, ClassifierAdapter, ExtractiveQAAdapter, Seq2SeqAdapter, MaskedLMAdapter)}
+    a.kind: a for a in (CausalLMAdapter, ClassifierAdapter, ExtractiveQAAdapter, Seq2SeqAdapter, MaskedLMAdapter,
+                        RewardModelAdapter)}
 
 
 def adapter_for(model: nn.Module, tokenizer: Tokenizer, task: dict[str, Any]) -> KindAdapter:

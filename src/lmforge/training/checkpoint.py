@@ -137,7 +137,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
 
 def with_task_head(backbone: nn.Module, task: Any, path: Path | str = "") -> nn.Module:
     """The backbone inside the head that the checkpoint's ``task`` record names (classification: a
-    :class:`~lmforge.models.heads.SequenceClassifier`; qa: a :class:`~lmforge.models.heads.SpanExtractor`);
+    :class:`~lmforge.models.heads.SequenceClassifier`; reward: one with a single scalar output; qa: a
+    :class:`~lmforge.models.heads.SpanExtractor`);
     the backbone itself for language models and seq2seq."""
     kind = task.get("kind") if isinstance(task, dict) else None
     if kind == "classification":
@@ -152,8 +153,13 @@ def with_task_head(backbone: nn.Module, task: Any, path: Path | str = "") -> nn.
         from lmforge.models.heads import SpanExtractor
 
         return SpanExtractor(backbone, task.get("separator_id"))
+    if kind == "reward":
+        from lmforge.models.heads import SequenceClassifier
+
+        return SequenceClassifier(backbone, 1, pooling=task.get("pooling", "last"), dropout=0.0)
     if kind not in (None, "seq2seq"):
-        raise CheckpointError(f"{path}: unknown task {kind!r} (this lmforge knows classification, qa, seq2seq)")
+        raise CheckpointError(f"{path}: unknown task {kind!r} (this lmforge knows classification, qa, reward, "
+                              f"seq2seq)")
     return backbone
 
 

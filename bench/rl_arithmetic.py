@@ -87,7 +87,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="run directory (DIR/sft, DIR/rl, DIR/sft-more)")
     parser.add_argument("--minutes", type=float, default=15.0, help="budget of RL, and of continued SFT")
-    parser.add_argument("--sft-minutes", type=float, default=5.0, help="budget of the SFT warm start")
+    parser.add_argument("--sft-minutes", type=float, default=25.0, help="budget of the SFT warm start")
     parser.add_argument("--train-problems", type=int, default=50_000, help="training problems (never reserved)")
     parser.add_argument("--eval", type=int, default=1000, help="held-out problems (reserved ones)")
     parser.add_argument("--algorithm", default="grpo", choices=("grpo", "rloo", "reinforce"))

@@ -64,7 +64,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="run directory (DIR/sft, DIR/rl)")
     parser.add_argument("--minutes", type=float, default=5.0, help="budget of RL in the calculator environment")
-    parser.add_argument("--sft-minutes", type=float, default=1.5, help="budget of the SFT warm start")
+    parser.add_argument("--sft-minutes", type=float, default=6.0, help="budget of the SFT warm start")
     parser.add_argument("--eval", type=int, default=500, help="held-out problems (reserved ones)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -163,3 +163,16 @@ def test_bad_preference_data_is_a_one_line_error(base, pairs, tmp_path, capsys):
     assert main(["train-reward", str(base), "--data", str(pairs), "--out", str(tmp_path / "f"), "--train.max_steps",
                  "2", "--train.progress", "false"]) == 0
     assert "held-out pairs: loss" in capsys.readouterr().out
+
+
+def test_chat_pairs_go_through_the_chat_template(base, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"Tell me about the {w}."}],
+             "chosen": {"role": "assistant", "content": f"A good {w}."},
+             "rejected": [{"role": "assistant", "content": f"A bad {w}!"}]} for w in WORDS * 2]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = dpo(config_for(base, path, tmp_path / "chat", beta=0.5, train=dict(max_steps=4, eval_interval=0)))
+    lm = LanguageModel.load(result.final_checkpoint)
+    assert lm.tokenizer.chat_template  # the default template, saved with the run's checkpoints
+    assert "### Assistant:" in lm.tokenizer.decode(lm.chat_prompt([{"role": "user", "content": "hi"}]),
+                                                   skip_special_tokens=False)

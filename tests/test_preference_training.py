@@ -176,3 +176,28 @@ def test_chat_pairs_go_through_the_chat_template(base, tmp_path):
     assert lm.tokenizer.chat_template  # the default template, saved with the run's checkpoints
     assert "### Assistant:" in lm.tokenizer.decode(lm.chat_prompt([{"role": "user", "content": "hi"}]),
                                                    skip_special_tokens=False)
+
+
+def test_a_reward_model_stopped_by_max_steps_resumes_to_the_uninterrupted_run(base, pairs, tmp_path):
+    """Stop at max_steps 20, resume with max_steps 40: the weights equal those of one 40-step run (a constant
+    schedule, so that the budget does not change the first steps' learning rates; dropout draws from the RNG)."""
+    options = dict(schedule="constant", eval_interval=10, save_interval=10)
+    whole = train_reward(config_for(base, pairs, tmp_path / "whole", dropout=0.1, train=dict(options, max_steps=40)))
+    train_reward(config_for(base, pairs, tmp_path / "parts", dropout=0.1, train=dict(options, max_steps=20)))
+    resumed = train_reward(config_for(base, pairs, tmp_path / "parts", dropout=0.1, resume=True,
+                                      train=dict(options, max_steps=40)))
+    assert resumed.resumed_from is not None and resumed.step == whole.step == 40
+    first, _, _ = load_model(whole.final_checkpoint)
+    second, _, _ = load_model(resumed.final_checkpoint)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_the_reward_adapter_cuts_the_start_of_a_long_prompt(base, pairs, tmp_path):
+    result = train_reward(config_for(base, pairs, tmp_path / "rm", train=dict(max_steps=2, eval_interval=0)))
+    lm = LanguageModel.load(result.final_checkpoint)
+    block = lm.model.config.block_size
+    tail = "About the owl 3: " * (block // 8)  # longer than the context by itself
+    cut, other = lm.reward(["a" * 3 * block + tail, "b" * 3 * block + tail], [" a good owl."] * 2)
+    assert cut == pytest.approx(other, abs=1e-6)  # only the tail of the prompt was read
+    assert cut == pytest.approx(lm.reward(tail, " a good owl."), abs=1e-6)

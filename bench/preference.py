@@ -107,7 +107,8 @@ def evaluate_preferences(out: Path, rows: list[dict]) -> dict:
 
 
 def real_preferences(out: Path, args: argparse.Namespace) -> dict:
-    hh = read_jsonl(DATA / "preference" / "hh_rlhf_harmless_base.jsonl")
+    hh = [r for r in read_jsonl(DATA / "preference" / "hh_rlhf_harmless_base.jsonl")
+          if r["chosen"].strip() and r["rejected"].strip()]  # a few pairs have an empty reply
     demo = [demo_as_chat(r) for r in read_jsonl(DATA / "preference" / "llamafactory_dpo_en_demo.jsonl")]
     train = [r for r in hh if not held_out(r)] + [r for r in demo if not held_out(r)]
     hh_val, demo_val = [r for r in hh if held_out(r)], [r for r in demo if held_out(r)]
@@ -125,10 +126,12 @@ def real_preferences(out: Path, args: argparse.Namespace) -> dict:
     tokenizer = Tokenizer.train(iter(texts), kind="bpe", vocab_size=4096)
     tokenizer.save(out / "tokenizer")
     prepare([data / "corpus.txt"], out / "tokenizer", data / "shards", val_fraction=0.02, progress=False)
-    pretrain(build_dataclass(PretrainConfig, {
-        "data": str(data / "shards"), "out": str(out / "lm"), "model": MODEL,
-        "train": {"lr": 2e-3, "batch_size": 16, "max_steps": None, "max_time": args.lm_minutes * 60,
-                  "eval_interval": 500, "save_interval": 0, "dtype": "auto", "device": "cpu", "progress": False}}))
+    if not (out / "lm" / "checkpoints" / "final").is_dir():  # a rerun reuses a finished pretraining
+        pretrain(build_dataclass(PretrainConfig, {
+            "data": str(data / "shards"), "out": str(out / "lm"), "model": MODEL,
+            "train": {"lr": 2e-3, "batch_size": 16, "max_steps": None, "max_time": args.lm_minutes * 60,
+                      "eval_interval": 500, "save_interval": 0, "dtype": "auto", "device": "cpu",
+                      "progress": False}}))
     write_jsonl(data / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in train
                                      if isinstance(r["prompt"], str)])  # the hh-rlhf pairs' chosen replies
     sft = sft_config(out / "lm", data / "sft.jsonl", data / "sft.jsonl", out / "sft", args.sft_minutes, 5e-4, 0)

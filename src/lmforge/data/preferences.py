@@ -68,9 +68,12 @@ def split_pair(row: dict[str, Any], where: str = "a preference row") -> tuple[st
     """(prompt, chosen, rejected) of a row in any of the module's forms, or a one-line DataError."""
     if not isinstance(row, dict):
         raise DataError(f"{where} must be a JSON object with chosen and rejected")
-    missing = [key for key in ("chosen", "rejected") if row.get(key) in (None, "", [])]
+    missing = [key for key in ("chosen", "rejected") if row.get(key) is None]
     if missing:
         raise DataError(f"{where} has no {' or '.join(repr(k) for k in missing)} (fields: {', '.join(sorted(row))})")
+    empty = [key for key in ("chosen", "rejected") if row[key] in ("", [])]
+    if empty:
+        raise DataError(f"{where} has an empty {' and an empty '.join(repr(k) for k in empty)} reply")
     chosen, rejected = row["chosen"], row["rejected"]
     if row.get("prompt") not in (None, "", []):
         return row["prompt"], chosen, rejected

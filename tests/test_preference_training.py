@@ -136,6 +136,14 @@ def test_a_reward_model_ranks_held_out_pairs_and_serves_as_a_reward(base, pairs,
     assert values == pytest.approx(scores, abs=1e-5)
     with pytest.raises(RequestError, match="cannot reward"):
         LanguageModel.load(base).reward("a", "b")
+    conversation = [{"role": "user", "content": "About the owl 3:"}]
+    one, many = lm.reward(conversation, " a good owl."), lm.reward([conversation, "About the owl 3:"], [" a", " b"])
+    assert isinstance(one, float) and len(many) == 2  # a chat prompt goes through the chat template
+    assert 0.0 < lm.score_pair(conversation, " a good owl.", " a bad owl!") < 1.0
+    with pytest.raises(RequestError, match="2 prompts but 1 replies"):
+        lm.reward(["a", "b"], [" c"])
+    with pytest.raises(RequestError, match="prompts must be"):
+        lm.reward([], [])
 
 
 def test_bad_preference_data_is_a_one_line_error(base, pairs, tmp_path, capsys):

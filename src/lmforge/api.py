@@ -296,15 +296,26 @@ class LanguageModel:
 
 
     # ------------------------------------------------------------------ reward models
-    def reward(self, prompt: str | list[str], reply: str | list[str]) -> float | list[float]:
-        """A reward model's score of a reply to a prompt (or of lists of both, batched); higher is better."""
-        prompts, replies = _paired(prompt, reply, "prompts", "replies")
-        return _in_kind(prompt, self._require("reward").reward(prompts, replies))
+    def reward(self, prompt: Any, reply: str | list[str]) -> float | list[float]:
+        """A reward model's score of a reply to a prompt (or of lists of both, batched); higher is better.
+        A prompt is a string or a chat conversation (a list of ``{"role", "content"}`` messages, rendered
+        with the checkpoint's chat template as in training)."""
+        single = _is_one_prompt(prompt)
+        prompts = [prompt] if single else prompt
+        if not isinstance(prompts, list) or not prompts or not all(_is_one_prompt(p) for p in prompts):
+            raise RequestError("prompts must be a string, a list of chat messages, or a non-empty list of those")
+        replies = [reply] if isinstance(reply, str) else reply
+        if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
+            raise RequestError("replies must be a string or a list of strings")
+        if len(prompts) != len(replies):
+            raise RequestError(f"{len(prompts)} prompts but {len(replies)} replies")
+        scores = self._require("reward").reward(prompts, replies)
+        return scores[0] if single else scores
 
-    def score_pair(self, prompt: str, chosen: str, rejected: str) -> float:
+    def score_pair(self, prompt: Any, chosen: str, rejected: str) -> float:
         """A reward model's probability that ``chosen`` is the better reply: ``sigmoid(r(chosen) - r(rejected))``
-        (the Bradley-Terry model it was trained with)."""
-        first, second = self._require("reward").reward([prompt, prompt], [chosen, rejected])
+        (the Bradley-Terry model it was trained with); ``prompt`` as in :meth:`reward`."""
+        first, second = self.reward([prompt, prompt], [chosen, rejected])
         return 1.0 / (1.0 + math.exp(-(first - second)))
 
     # ------------------------------------------------------------------ alignment runs from this checkpoint
@@ -366,6 +377,12 @@ def _as_list(prompts: str | list[str], what: str = "prompts") -> list[str]:
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise RequestError(f"{what} must be a string or a non-empty list of strings")
     return prompts
+
+
+def _is_one_prompt(prompt: Any) -> bool:
+    """A string, or a chat conversation: a non-empty list of message dicts."""
+    return isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt)
+                                       and all(isinstance(m, dict) for m in prompt))
 
 
 def _paired(first: str | list[str], second: str | list[str], names: str, other: str) -> tuple[list[str], list[str]]:

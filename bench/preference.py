@@ -11,8 +11,9 @@ the reward model, and of the baseline, the SFT model's log-likelihood ratio of c
 
 Part 2, arithmetic: a model SFT'd on ``What is 37 + 48?`` problems (bench/arithmetic_tasks.py; the
 reserved problems are never trained on) samples answers to training problems; pairs of a correct
-worked answer (chosen) and one of its own wrong samples (rejected) train it by DPO
-(``DIR/dpo-arithmetic``). Held-out exact match before and after.
+answer (chosen: its own right sample where it wrote one, else the worked answer) and one of its own
+wrong samples (rejected) train it by DPO (``DIR/dpo-arithmetic``). Held-out exact match before and
+after. ``--part`` runs one part; its numbers are merged into an existing ``DIR/results.json``.
 
     python bench/preference.py --out runs/preference
 """
@@ -99,7 +100,8 @@ def evaluate_preferences(out: Path, rows: list[dict]) -> dict:
     rm = LanguageModel.load(out / "reward", device="cpu")
     sft_c, sft_r = pair_logps(sft, rows)
     dpo_c, dpo_r = pair_logps(policy, rows)
-    scores = [rm.reward([r["prompt"], r["prompt"]], [r["chosen"], r["rejected"]]) for r in rows]
+    prompts = [r["prompt"] for r in rows]
+    scores = zip(rm.reward(prompts, [r["chosen"] for r in rows]), rm.reward(prompts, [r["rejected"] for r in rows]))
     # ties (identical replies' scores) count as wrong
     return {"sft log-likelihood ratio": accuracy_with_interval((sft_c - sft_r > 0).astype(float)),
             "dpo implicit reward": accuracy_with_interval(((dpo_c - sft_c) - (dpo_r - sft_r) > 0).astype(float)),
@@ -155,8 +157,8 @@ def arithmetic(out: Path, args: argparse.Namespace) -> dict:
     write_jsonl(data / "sft.jsonl", rows)
     write_jsonl(data / "sft_val.jsonl", [{"prompt": p["prompt"], "completion": worked_answer(p)} for p in tune])
     init = initial_checkpoint(out / "arithmetic-init", [r["prompt"] + r["completion"] for r in rows])
-    finetune(sft_config(init, data / "sft.jsonl", data / "sft_val.jsonl", out / "sft-arithmetic", args.sft_minutes,
-                        2e-3, 0))
+    finetune(sft_config(init, data / "sft.jsonl", data / "sft_val.jsonl", out / "sft-arithmetic",
+                        args.arithmetic_sft_minutes, 2e-3, 0))
     lm = LanguageModel.load(out / "sft-arithmetic", device="cpu")
 
     def exact_match(model: LanguageModel, problems_: list[dict]) -> float:
@@ -166,9 +168,10 @@ def arithmetic(out: Path, args: argparse.Namespace) -> dict:
     pairs = []
     for p in train[:4000]:
         samples = lm.complete(p["prompt"], max_new_tokens=16, temperature=1.0, num_samples=4, seed=len(pairs))
+        right = [s.text for s in samples if extract_answer(s.text) == p["answer"]]
         wrong = [s.text for s in samples if extract_answer(s.text) != p["answer"]]
-        if wrong:
-            pairs.append({"prompt": p["prompt"], "chosen": worked_answer(p), "rejected": wrong[0]})
+        if wrong:  # the model's own right answer where it wrote one (on-policy), else the worked answer
+            pairs.append({"prompt": p["prompt"], "chosen": (right or [worked_answer(p)])[0], "rejected": wrong[0]})
     val_pairs = []
     for p in tune:
         sample = lm.complete(p["prompt"], max_new_tokens=16, temperature=1.0, seed=7)[0]
@@ -177,7 +180,7 @@ def arithmetic(out: Path, args: argparse.Namespace) -> dict:
     write_jsonl(data / "pairs.jsonl", pairs)
     write_jsonl(data / "val_pairs.jsonl", val_pairs)
     dpo(preference_config(out / "sft-arithmetic", data / "pairs.jsonl", data / "val_pairs.jsonl",
-                          out / "dpo-arithmetic", args.minutes, beta=0.1, lr=5e-5))
+                          out / "dpo-arithmetic", args.minutes, beta=0.1, lr=1e-4))
     before = exact_match(lm, eval_set)
     after = exact_match(LanguageModel.load(out / "dpo-arithmetic", device="cpu"), eval_set)
     return {"pairs": len(pairs), "held_out_problems": len(eval_set), "exact_match_sft": before,
@@ -189,6 +192,8 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--lm-minutes", type=float, default=5.0)
     parser.add_argument("--sft-minutes", type=float, default=3.0)
+    parser.add_argument("--arithmetic-sft-minutes", type=float, default=20.0,
+                        help="SFT of the arithmetic model (it must get some problems right for DPO to work on)")
     parser.add_argument("--minutes", type=float, default=4.0, help="budget of each DPO / reward-model run")
     parser.add_argument("--part", choices=("all", "real", "arithmetic"), default="all")
     args = parser.parse_args()
@@ -196,13 +201,15 @@ def main() -> int:
     if not (DATA / "preference").is_dir():
         raise SystemExit(f"needs {DATA / 'preference'}")
     started = time.time()
-    summary: dict = {"cpu_flags": cpu_flags(), "torch_threads": torch.get_num_threads()}
+    results = args.out / "results.json"
+    summary: dict = json.loads(results.read_text()) if results.is_file() and args.part != "all" else {}
+    summary.update({"cpu_flags": cpu_flags(), "torch_threads": torch.get_num_threads()})
     if args.part in ("all", "real"):
         summary["real"] = real_preferences(args.out, args)
     if args.part in ("all", "arithmetic"):
         summary["arithmetic"] = arithmetic(args.out, args)
     summary["wall_minutes"] = (time.time() - started) / 60
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    results.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -55,14 +55,12 @@ def main() -> int:
         stats = RunningStats()
         rollouts = RolloutBatches(lm.model, lm.tokenizer, rows, config, build_rewards(config), "prompt", stats)
 
-        rollout_rates = []
-        for generation in range(args.repeats):
-            before_seconds, before_tokens = stats.seconds["rollout"], stats.rollout_tokens
-            rollouts.generate(generation, step=1)
-            rollout_rates.append((stats.rollout_tokens - before_tokens) / (stats.seconds["rollout"] - before_seconds))
-        serving_rates = []
         prompts = [r["prompt"] for r in rollouts.prompt_rows(0)]
-        for repeat in range(args.repeats):
+        rollout_rates, serving_rates = [], []
+        for repeat in range(args.repeats):  # interleaved, so that a busy machine slows both sides alike
+            before_seconds, before_tokens = stats.seconds["rollout"], stats.rollout_tokens
+            rollouts.generate(0, step=1)
+            rollout_rates.append((stats.rollout_tokens - before_tokens) / (stats.seconds["rollout"] - before_seconds))
             start = time.perf_counter()
             completions = lm.complete(prompts, max_new_tokens=args.max_new_tokens, temperature=1.0,
                                       num_samples=args.generations, seed=repeat)

@@ -55,21 +55,28 @@ def main() -> int:
         stats = RunningStats()
         rollouts = RolloutBatches(lm.model, lm.tokenizer, rows, config, build_rewards(config), "prompt", stats)
 
-        prompts = [r["prompt"] for r in rollouts.prompt_rows(0)]
-        rollout_rates, serving_rates = [], []
+        rollout_rates, serving_rates, lengths = [], [], {"rollout": [], "generate": []}
         for repeat in range(args.repeats):  # interleaved, so that a busy machine slows both sides alike
+            # each repeat is a new generated batch (new prompts, new sampling seed) and generate gets the
+            # same prompts and seed, so both sides sample alike and neither keeps a lucky draw
+            prompts = [r["prompt"] for r in rollouts.prompt_rows(repeat)]
+            seed = config.train.seed * 1_000_003 + repeat
             before_seconds, before_tokens = stats.seconds["rollout"], stats.rollout_tokens
-            rollouts.generate(0, step=1)
-            rollout_rates.append((stats.rollout_tokens - before_tokens) / (stats.seconds["rollout"] - before_seconds))
+            rollouts.generate(repeat, step=1)
+            tokens = stats.rollout_tokens - before_tokens
+            rollout_rates.append(tokens / (stats.seconds["rollout"] - before_seconds))
+            lengths["rollout"].append(tokens / batch)
             start = time.perf_counter()
             completions = lm.complete(prompts, max_new_tokens=args.max_new_tokens, temperature=1.0,
-                                      num_samples=args.generations, seed=repeat)
+                                      num_samples=args.generations, seed=seed)
             seconds = time.perf_counter() - start
             tokens = sum(len(c.token_ids) + int(c.eos) for c in completions)
             serving_rates.append(tokens / seconds)
+            lengths["generate"].append(tokens / batch)
     result = {"cpu_flags": cpu_flags(), "torch_threads": torch.get_num_threads(), "preset": args.preset,
               "batch": f"{args.prompts} prompts x {args.generations} samples, max_new_tokens {args.max_new_tokens}",
-              "rollout_tokens_per_sec": max(rollout_rates), "generate_tokens_per_sec": max(serving_rates)}
+              "rollout_tokens_per_sec": max(rollout_rates), "generate_tokens_per_sec": max(serving_rates),
+              "mean_tokens_per_sample": {side: sum(v) / len(v) for side, v in lengths.items()}}
     result["ratio"] = result["rollout_tokens_per_sec"] / result["generate_tokens_per_sec"]
     print(json.dumps(result, indent=2))
     print(f"rollout {result['rollout_tokens_per_sec']:,.0f} tokens/s vs generate "

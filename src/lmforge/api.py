@@ -295,6 +295,40 @@ class LanguageModel:
                  for i, p in zip(row_ids.tolist(), row_p.tolist())] for row_ids, row_p in zip(top.indices, top.values)]
 
 
+    # ------------------------------------------------------------------ media
+    def caption(self, image: Any, **options: Any) -> str | list[str]:
+        """The caption of an image (a path, bytes, a PIL image or an (H, W, 3) array), or of a list of
+        them (batched). Options: ``max_new_tokens`` and the sampling options (greedy by default)."""
+        adapter = self._require("caption")
+        sources, one = _media_list(image)
+        return _one_or_list(one, adapter.media_text(sources, [""] * len(sources), options))
+
+    def ask(self, media: Any, question: str | list[str], **options: Any) -> str | list[str]:
+        """The answer to a question about an image (or a video, for a video model); lists of both
+        (one question each, or one question for all) are batched. Options as :meth:`caption`."""
+        adapter = self._require("ask")
+        sources, one = _media_list(media)
+        questions = _as_list(question, "questions")
+        if len(questions) == 1 and len(sources) > 1:
+            questions = questions * len(sources)
+        if len(questions) != len(sources):
+            raise RequestError(f"{len(sources)} media but {len(questions)} questions")
+        return _one_or_list(one, adapter.media_text(sources, questions, options))
+
+    def transcribe(self, audio: Any, **options: Any) -> str | list[str]:
+        """The transcript of a recording (a path, bytes of a WAV/FLAC/OGG/MP3 file, an array of samples
+        at the model's sample rate, or ``(array, sample_rate)``), or of a list of them (batched)."""
+        adapter = self._require("transcribe")
+        sources, one = _media_list(audio)
+        return _one_or_list(one, adapter.media_text(sources, [""] * len(sources), options))
+
+    def describe(self, video: Any, **options: Any) -> str | list[str]:
+        """The description of a clip (a video file's path or bytes, a folder of frames, a list of
+        frames or an (F, H, W, 3) array), or of a list of clips (batched)."""
+        adapter = self._require("describe")
+        sources, one = _video_list(video)
+        return _one_or_list(one, adapter.media_text(sources, [""] * len(sources), options))
+
     # ------------------------------------------------------------------ reward models
     def reward(self, prompt: Any, reply: str | list[str]) -> float | list[float]:
         """A reward model's score of a reply to a prompt (or of lists of both, batched); higher is better.
@@ -390,6 +424,33 @@ def _paired(first: str | list[str], second: str | list[str], names: str, other: 
     if len(a) != len(b):
         raise RequestError(f"{len(a)} {names} but {len(b)} {other}")
     return a, b
+
+
+def _media_list(media: Any) -> tuple[list[Any], bool]:
+    """(the media as a list, whether one was given): a list or tuple of several is a batch, except an
+    ``(array, sample_rate)`` pair, which is one recording."""
+    pair = isinstance(media, tuple) and len(media) == 2 and isinstance(media[1], int)
+    if isinstance(media, (list, tuple)) and not pair:
+        if not media:
+            raise RequestError("the list of media is empty")
+        return list(media), False
+    return [media], True
+
+
+def _video_list(video: Any) -> tuple[list[Any], bool]:
+    """As :func:`_media_list`, but a list of frames (images) is one clip; a list of clips is a batch."""
+    if isinstance(video, list) and video and not all(isinstance(v, (str, Path, bytes)) or _is_clip_array(v)
+                                                     for v in video):
+        return [video], True
+    return _media_list(video)
+
+
+def _is_clip_array(value: Any) -> bool:
+    return hasattr(value, "ndim") and value.ndim == 4
+
+
+def _one_or_list(one: bool, results: list[Any]) -> Any:
+    return results[0] if one else results
 
 
 def _in_kind(given: str | list[str], results: list[Any]) -> Any:

@@ -326,6 +326,20 @@ def cmd_answer(args: argparse.Namespace) -> None:
         print(f"{found.text}{where}")
 
 
+def cmd_media(args: argparse.Namespace) -> None:
+    """caption / transcribe / describe: one line per file (or a JSON object with --json)."""
+    from lmforge.api import LanguageModel
+
+    lm = LanguageModel.load(args.checkpoint, device=args.device, dtype=args.dtype)
+    options = {"max_new_tokens": args.max_new_tokens}
+    if args.command == "caption" and args.question:
+        texts = lm.ask(list(args.files), args.question, **options)
+    else:
+        texts = getattr(lm, args.command)(list(args.files), **options)
+    for file, text in zip(args.files, texts):
+        print(json.dumps({"file": file, "text": text}, ensure_ascii=False) if args.json else text)
+
+
 def cmd_perplexity(args: argparse.Namespace) -> None:
     from lmforge.api import LanguageModel
 
@@ -622,6 +636,20 @@ def _add_task_commands(commands: Subcommands) -> None:
     _add_json_option(p, "a JSON object")
     _add_device_options(p)
     p.set_defaults(func=cmd_answer)
+
+    media_commands = {"caption": ("caption images (or, with --question, answer a question about each)", "image"),
+                      "transcribe": ("transcribe recordings (WAV, FLAC, OGG, MP3)", "recording"),
+                      "describe": ("describe video clips (a video file or a folder of frames each)", "clip")}
+    for name, (help_text, what) in media_commands.items():
+        p = _command(commands, name, f"{help_text} with a multimodal checkpoint")
+        _add_checkpoint(p)
+        p.add_argument("files", nargs="+", metavar="FILE", help=f"{what} file(s)")
+        if name == "caption":
+            p.add_argument("--question", default=None, help="ask this question about every image instead (VQA)")
+        p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many tokens per text")
+        _add_json_option(p, "one JSON object per file")
+        _add_device_options(p)
+        p.set_defaults(func=cmd_media)
 
     p = _command(commands, "perplexity", "perplexity of a checkpoint on a text file")
     _add_checkpoint(p)

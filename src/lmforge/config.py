@@ -226,6 +226,61 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "head")
 LORA_GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"), "all": LORA_TARGETS}
 
 
+MEDIA_TASKS = {"caption": "image", "vqa": "image", "transcribe": "audio", "describe": "video"}  # task -> modality
+MEDIA_ENCODERS = {"image": ("cnn", "vit"), "audio": ("conv_transformer",), "video": ("cnn", "vit")}
+
+
+@dataclass
+class MediaConfig:
+    """A multimodal model's media side: which encoder turns the image, recording or clip into feature
+    vectors, how they are fused with the text decoder, and the fixed input size every example is
+    brought to (images resized, recordings padded or cut, clips sampled to a number of frames)."""
+
+    modality: str = option("auto", "image, audio or video (auto: from the manifest's fields)")
+    encoder: str = option("auto", "image and video frames: cnn (conv stack) or vit (patch embedding + "
+                                  "transformer); audio: conv_transformer (log-Mel, conv subsampler, transformer); "
+                                  "auto: cnn for images and video, conv_transformer for audio")
+    fusion: str = option("prefix", "prefix (features projected into the decoder's embeddings and put before the "
+                                   "text, LLaVA-style) or cross (a seq2seq model's decoder cross-attends to them, "
+                                   "Whisper-style; needs model.family seq2seq)")
+    width: int = option(128, "the encoder's width (feature size before the projector)")
+    n_layer: int = option(2, "transformer layers of the encoder (vit, conv_transformer, the video's temporal one)")
+    n_head: int = option(4, "attention heads of the encoder's transformer layers")
+    image_size: int = option(32, "images (and video frames) are resized to this many pixels square")
+    patch_size: int = option(4, "vit: patch size in pixels")
+    sample_rate: int = option(16000, "audio: recordings are resampled to this rate (Hz)")
+    max_seconds: float = option(2.0, "audio: recordings are padded with silence or cut to this length")
+    n_mels: int = option(80, "audio: log-Mel bands")
+    n_fft: int = option(400, "audio: STFT window in samples (25 ms at 16 kHz)")
+    hop_length: int = option(160, "audio: STFT hop in samples (10 ms at 16 kHz)")
+    frames: int = option(16, "video: frames sampled uniformly from each clip")
+    temporal: str = option("transformer", "video: how frames are combined: transformer (ordered, temporal "
+                                          "positions) or mean (frame averaging: order is lost; the baseline)")
+    freeze_decoder: bool = option(False, "train only the encoder and projector; the text decoder stays as it was")
+    augment: bool = option(False, "augment while training: recordings get speed, gain and noise perturbation and "
+                                  "SpecAugment masks; images and frames random flips and shifts")
+
+    def resolved(self, modality: str) -> MediaConfig:
+        """A copy with ``modality`` and the ``auto`` encoder filled in."""
+        encoder = self.encoder if self.encoder != "auto" else ("conv_transformer" if modality == "audio" else "cnn")
+        return dataclasses.replace(self, modality=modality, encoder=encoder)
+
+    def validate(self) -> None:
+        _check_choice("media.modality", self.modality, ("auto", *MEDIA_ENCODERS))
+        _check_choice("media.fusion", self.fusion, ("prefix", "cross"))
+        _check_choice("media.temporal", self.temporal, ("transformer", "mean"))
+        if self.modality != "auto" and self.encoder != "auto":
+            _check_choice(f"media.encoder (for {self.modality})", self.encoder, MEDIA_ENCODERS[self.modality])
+        for name in ("width", "n_layer", "n_head", "image_size", "patch_size", "sample_rate", "max_seconds",
+                     "n_mels", "n_fft", "hop_length", "frames"):
+            _check_positive(f"media.{name}", getattr(self, name))
+        if self.width % self.n_head:
+            raise ConfigError(f"media.width ({self.width}) must be divisible by media.n_head ({self.n_head})")
+        if self.image_size % 8 or self.image_size % self.patch_size:
+            raise ConfigError(f"media.image_size ({self.image_size}) must be a multiple of 8 and of media.patch_size "
+                              f"({self.patch_size})")
+
+
 @dataclass
 class LoraConfig:
     """Low-rank adapters: which linear layers get them, their rank, scaling and dropout."""
@@ -381,7 +436,8 @@ class FinetuneConfig:
     checkpoint: str | None = option(None, "base checkpoint (lmforge checkpoint/run directory or Hugging Face "
                                           "folder); omit it to train a task model from scratch (tokenizer + model)")
     task: str = option("auto", "what to learn: auto (from the data), sft (generation), classification, qa "
-                               "(extractive) or seq2seq (translation, summarization)")
+                               "(extractive), seq2seq (translation, summarization), or from media manifests: "
+                               "caption (image), vqa (image + question), transcribe (audio), describe (video)")
     purpose: str = option("auto", "seq2seq: translation, summarization or generic (auto: from the data fields)")
     pooling: str = option("auto", "classification: the text's state the head reads: first (token), last, mean "
                                   "(over the real tokens), or auto (first for encoders, last for causal models)")
@@ -403,10 +459,11 @@ class FinetuneConfig:
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
     resume: bool = option(False, "continue from the last checkpoint in the run directory")
 
     def validate(self) -> None:
-        _check_choice("task", self.task, ("auto", "sft", "classification", "qa", "seq2seq"))
+        _check_choice("task", self.task, ("auto", "sft", "classification", "qa", "seq2seq", *MEDIA_TASKS))
         _check_choice("purpose", self.purpose, ("auto", "translation", "summarization", "generic"))
         _check_choice("pooling", self.pooling, ("auto", "first", "last", "mean"))
         _check_positive("ngram_buckets", self.ngram_buckets, allow_zero=True)
@@ -429,6 +486,7 @@ class FinetuneConfig:
         self.data.validate()
         self.train.validate()
         self.lora.validate()
+        self.media.validate()
         _check_positive("eval.examples", self.eval.examples, allow_zero=True)
         _check_positive("eval.max_new_tokens", self.eval.max_new_tokens)
 

@@ -51,6 +51,12 @@ def pad_id_of(tokenizer: Tokenizer) -> int:
 def detect_task(records: list[dict[str, Any]]) -> str | None:
     """The task a JSON data set is for, from the fields of its first record (None: not a task format)."""
     first = records[0] if records else {}
+    if "image" in first:
+        return "vqa" if "question" in first else "caption"
+    if "audio" in first:
+        return "transcribe"
+    if "video" in first:
+        return "describe"
     if "question" in first and "context" in first:
         return "qa"
     if any(a in first and b in first for a, b in PAIR_FIELDS):

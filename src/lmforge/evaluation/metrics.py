@@ -263,3 +263,27 @@ def vocabulary_coverage(token_id_lists: Sequence[Sequence[int]], vocab_size: int
     if outside:
         raise DataError(f"vocabulary coverage: token id {outside[0]} is outside a vocabulary of {vocab_size}")
     return len(produced) / vocab_size
+
+
+def word_error_rate(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus word error rate (word edits / reference words, jiwer), as a fraction; texts are
+    compared lowercased with punctuation removed and spaces collapsed."""
+    import jiwer
+
+    _check_pairs("word error rate", hypotheses, references)
+    return float(jiwer.wer([_speech_form(r) for r in references], [_speech_form(h) for h in hypotheses]))
+
+
+def character_error_rate(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus character error rate (jiwer), as a fraction, on the same normalised texts as the WER."""
+    import jiwer
+
+    _check_pairs("character error rate", hypotheses, references)
+    return float(jiwer.cer([_speech_form(r) for r in references], [_speech_form(h) for h in hypotheses]))
+
+
+def _speech_form(text: str) -> str:
+    """Lowercase, punctuation dropped, whitespace collapsed; an empty text becomes one space (jiwer
+    refuses empty references and counts an empty hypothesis as all deletions either way)."""
+    words = re.sub(r"[^\w\s']", " ", text.lower()).split()
+    return " ".join(words) or " "

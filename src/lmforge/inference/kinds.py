@@ -17,21 +17,24 @@ kind                    tasks
                         ``generate``: greedy, sampling, beam search, minimum Bayes risk
 ``masked_lm``           ``fill_mask``
 ``reward``              ``reward``: a scalar score of (prompt, reply) (a Bradley-Terry reward model)
+``media``               ``caption``/``ask`` (images), ``transcribe`` (audio), ``describe``/``ask`` (video)
 ======================  =====================================================================
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from lmforge.config import SamplingConfig
+from lmforge.data.media_rows import media_tensor
 from lmforge.data.preferences import encode_reply
-from lmforge.errors import ConfigError, RequestError
+from lmforge.errors import ConfigError, DataError, RequestError
 from lmforge.inference.completion import complete
+from lmforge.inference.media import media_texts
 from lmforge.inference.prompts import ANALYZE_TEMPLATE, CLASSIFICATION_TEMPLATE, prompt_head, task_prompt
 from lmforge.inference.scoring import continuation_logprob, label_logprobs
 from lmforge.inference.task_models import Answer, answer_questions, classify_texts, translate_texts
@@ -244,9 +247,48 @@ class MaskedLMAdapter(KindAdapter):
     kind, description, capabilities = "masked_lm", "masked-language model", ("fill_mask",)
 
 
+MODALITY_METHODS = {"image": ("caption", "ask"), "audio": ("transcribe",), "video": ("describe", "ask")}
+
+
+class MediaAdapter(KindAdapter):
+    """A multimodal checkpoint (task kind ``media``): text from the media it was trained on."""
+
+    kind = "media"
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, task: dict[str, Any]):
+        super().__init__(model, tokenizer, task)
+        self.media = model.media
+
+    @property
+    def description(self) -> str:  # type: ignore[override]
+        return f"{self.media.modality}-to-text model ({self.task.get('task', self.media.modality)})"
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:  # type: ignore[override]
+        return MODALITY_METHODS[self.media.modality]
+
+    def require(self, method: str) -> None:
+        wanted = next((m for m, methods in MODALITY_METHODS.items() if method in methods), None)
+        if method not in self.capabilities and wanted is not None:
+            raise RequestError(f"this checkpoint reads {self.media.modality}, not {wanted}: it cannot {method}; "
+                               f"it can {', '.join(self.capabilities)}")
+        super().require(method)
+
+    def inputs(self, sources: Sequence[Any]) -> torch.Tensor:
+        """Model inputs (N, ...) from paths, bytes, images or arrays (decode errors are request errors)."""
+        try:
+            return torch.stack([media_tensor(self.media, source) for source in sources])
+        except DataError as exc:
+            raise RequestError(str(exc)) from None
+
+    def media_text(self, sources: Sequence[Any], questions: Sequence[str], options: dict[str, Any]) -> list[str]:
+        config = SamplingConfig.from_options(None, **{**TASK_DEFAULTS, **options})
+        return media_texts(self.model, self.tokenizer, self.inputs(sources), list(questions), config)
+
+
 ADAPTERS: dict[str, Callable[..., KindAdapter]] = {
     a.kind: a for a in (CausalLMAdapter, ClassifierAdapter, ExtractiveQAAdapter, Seq2SeqAdapter, MaskedLMAdapter,
-                        RewardModelAdapter)}
+                        RewardModelAdapter, MediaAdapter)}
 
 
 def adapter_for(model: nn.Module, tokenizer: Tokenizer, task: dict[str, Any]) -> KindAdapter:

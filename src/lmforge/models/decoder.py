@@ -394,7 +394,8 @@ class DecoderLM(nn.Module):
     # -------------------------------------------------------------- forward
     def forward(self, idx: Tensor, *, position_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, cache: KVCache | SlotKVCache | None = None,
-                last_only: bool = False, logits_at: Tensor | None = None) -> Tensor:
+                last_only: bool = False, logits_at: Tensor | None = None,
+                input_offsets: Tensor | None = None) -> Tensor:
         """Next-token logits.
 
         Args:
@@ -408,12 +409,14 @@ class DecoderLM(nn.Module):
                 (one new token per row, rows of different lengths).
             last_only: compute logits for the last position only (generation).
             logits_at: (B,) one position per row whose logits alone are computed (right-padded prompts).
+            input_offsets: (B, T, C) added to the token embeddings (a multimodal model's media
+                features at its placeholder tokens).
 
         Returns:
             (B, T, V) logits, or (B, 1, V) with ``last_only`` or ``logits_at``.
         """
         with single_token_kernels(idx, self.tok_emb.weight), decoding_step(idx, self.tok_emb.weight):
-            x = self._trunk(idx, position_ids, attention_mask, cache)  # (B, T, C)
+            x = self._trunk(idx, position_ids, attention_mask, cache, input_offsets)  # (B, T, C)
             if logits_at is not None:
                 x = x[torch.arange(idx.shape[0], device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
             elif last_only:

@@ -248,7 +248,11 @@ class Seq2SeqLM(nn.Module):
                ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Token embeddings [+ learned positions], dropout: (B, T) -> (B, T, C), and the RoPE tables
         (B or 1, 1, T, D) of ``position_ids`` when positions are rotary."""
-        x = self.tok_emb(ids)  # (B, T, C)
+        return self._positioned(self.tok_emb(ids), position_ids, pos_emb)
+
+    def _positioned(self, x: Tensor, position_ids: Tensor, pos_emb: nn.Embedding | None
+                    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Embeddings (B, T, C) [+ learned positions], dropout, and the RoPE tables (as :meth:`_embed`)."""
         rope = None
         if pos_emb is not None:
             x = x + pos_emb(position_ids)
@@ -258,17 +262,27 @@ class Seq2SeqLM(nn.Module):
             x = F.dropout(x, self.config.dropout)
         return x, rope
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+               prefix: Tensor | None = None) -> Tensor:
         """The encoder output ("memory") (B, S, C) of source ids (B, S).
 
         ``attention_mask`` (B, S) bool is True for real tokens: padding keys are hidden and positions
         count real tokens only, so a source's memory at its real tokens does not depend on its padding.
+        ``prefix`` (B, K, C), if given, are input vectors read before the tokens (a multimodal model's
+        projected media features): the memory is then (B, K + S, C), the prefix always real.
         """
-        S = input_ids.shape[1]
+        if prefix is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+            attention_mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask.bool()], dim=1)
+        S = input_ids.shape[1] + (prefix.shape[1] if prefix is not None else 0)
         if S > self.config.block_size:
             raise ValueError(f"source of {S} tokens exceeds the context of {self.config.block_size}")
         position_ids, mask = bidirectional_inputs(attention_mask, S, input_ids.device)
-        x, rope = self._embed(input_ids, position_ids, getattr(self, "enc_pos_emb", None))
+        x = self.tok_emb(input_ids)  # (B, S, C)
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        x, rope = self._positioned(x, position_ids, getattr(self, "enc_pos_emb", None))
         for i, block in enumerate(self.encoder_blocks):
             x = block(x, rope, mask, None, i)
         return self.encoder_norm(x)  # (B, S, C)

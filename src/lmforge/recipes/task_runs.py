@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,11 @@ import torch
 import yaml
 from torch import nn
 
-from lmforge.config import FinetuneConfig, to_dict
+from lmforge.config import MEDIA_TASKS, FinetuneConfig, to_dict
 from lmforge.data.bpe_dropout import SampledSegmentations, sampled_segmentations
 from lmforge.data.folding import folded_ids
 from lmforge.data.qa import separator_id
-from lmforge.data.supervised import ShuffledBatches, split_records
+from lmforge.data.supervised import ShuffledBatches
 from lmforge.data.task_rows import (
     collate_classification,
     collate_pairs,
@@ -37,7 +36,7 @@ from lmforge.data.task_rows import (
     read_pairs,
     read_qa,
 )
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError
 from lmforge.evaluation import metrics as M
 from lmforge.fileio import atomic_write_text
 from lmforge.inference.task_models import (
@@ -48,30 +47,15 @@ from lmforge.inference.task_models import (
 )
 from lmforge.models import build_model
 from lmforge.models.heads import SequenceClassifier, SpanExtractor, choose_thresholds
+from lmforge.recipes.media_runs import media_run
+from lmforge.recipes.task_run import TaskRun, held_out, spread
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.checkpoint import load_model, resolve_checkpoint, update_task_info
 from lmforge.training.distributed import DistContext, barrier
-from lmforge.training.loop import Objective, TrainResult, setup_runtime, train
+from lmforge.training.loop import TrainResult, setup_runtime, train
 from lmforge.training.objectives import classification_loss, seq2seq_loss, span_loss
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TaskRun:
-    """What a task adds to the loop."""
-
-    model: nn.Module
-    objective: Objective
-    train_rows: list[Any]
-    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
-    evaluator: Callable[[nn.Module, bool], dict[str, float]]
-    task_info: dict[str, Any]
-    summary: str
-    after: Callable[[TrainResult, nn.Module], None] | None = None  # e.g. tune thresholds on held-out data
-    row_length: Callable[[Any], int] = lambda row: len(row[0])  # tokens of a row, for data.group_by_length
-    encode_train: Callable[[], list[Any]] | None = None  # re-encode train_rows' texts (for data.bpe_dropout)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------
@@ -92,20 +76,6 @@ def load_backbone(config: FinetuneConfig) -> tuple[nn.Module, Tokenizer, str]:
     return build_model(model_config), tokenizer, "scratch"
 
 
-def _held_out(config: FinetuneConfig, train_items: list[Any], val_items: list[Any] | None) -> tuple[list, list]:
-    if val_items is None:
-        train_items, val_items = split_records(train_items, config.data.val_fraction)
-    if not val_items:
-        raise DataError("no held-out examples: give data.val_path or a data.val_fraction > 0 with enough data")
-    return train_items, val_items
-
-
-def _spread(items: list[Any], count: int | None) -> list[Any]:
-    if count is None or count >= len(items):
-        return items
-    return [items[int(i * len(items) / count)] for i in range(count)]
-
-
 # ------------------------------------------------------------------------------------------
 # Classification
 # ------------------------------------------------------------------------------------------
@@ -119,7 +89,7 @@ def classification_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: T
     block = backbone.config.block_size
     train_rows = encode_labelled(train_set, tokenizer, block)
     val_rows = encode_labelled(val_set, tokenizer, block) if val_set else None
-    train_rows, val_rows = _held_out(config, train_rows, val_rows)
+    train_rows, val_rows = held_out(config, train_rows, val_rows)
     pooling = config.pooling
     if pooling == "auto":
         pooling = "first" if backbone.config.family == "encoder" else "last"
@@ -159,7 +129,7 @@ class ClassificationEvaluator:
     def __init__(self, rows: list[Any], collate: Callable, batch_size: int, multi_label: bool,
                  examples: int | None, final_examples: int | None):
         self.collate, self.batch_size, self.multi_label = collate, batch_size, multi_label
-        self.during, self.final = _spread(rows, examples), _spread(rows, final_examples)
+        self.during, self.final = spread(rows, examples), spread(rows, final_examples)
         self.metrics = ("loss", "micro_f1", "macro_f1") if multi_label else ("loss", "accuracy", "macro_f1")
 
     def predict(self, model: nn.Module, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +177,7 @@ def seq2seq_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: Tokenize
     val_pairs = None
     if data.val_path:
         val_pairs = read_pairs(data.val_path, data.val_target_path, data.source_field, data.target_field)
-    train_pairs, val_pairs = _held_out(config, train_pairs, val_pairs)
+    train_pairs, val_pairs = held_out(config, train_pairs, val_pairs)
     block = backbone.config.block_size
     train_rows, val_rows = encode_pairs(train_pairs, tokenizer, block), encode_pairs(val_pairs, tokenizer, block)
     pad, bos, eos = pad_id_of(tokenizer), tokenizer.bos_id, tokenizer.eos_id
@@ -245,8 +215,8 @@ class Seq2SeqEvaluator:
                  max_new_tokens: int):
         self.rows, self.pairs, self.collate, self.batch_size, self.tokenizer = rows, pairs, collate, batch_size, \
             tokenizer
-        self.during = _spread(list(range(len(rows))), examples)
-        self.final = _spread(list(range(len(rows))), final_examples)
+        self.during = spread(list(range(len(rows))), examples)
+        self.final = spread(list(range(len(rows))), final_examples)
         self.generate, self.max_new_tokens = generate, max_new_tokens
         self.metrics = ("loss", "ppl")  # what train.best_metric may name (gen_bleu/gen_rougeL are reports only)
 
@@ -266,7 +236,7 @@ class Seq2SeqEvaluator:
         val_loss = total / max(count, 1)
         metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
         if self.generate:
-            chosen = _spread(list(range(len(self.rows))), self.generate)
+            chosen = spread(list(range(len(self.rows))), self.generate)
             outputs = translate_ids(model, self.tokenizer, [self.rows[i][0] for i in chosen],
                                     max_new_tokens=self.max_new_tokens)
             hypotheses = [self.tokenizer.decode(ids) for ids in outputs]
@@ -286,7 +256,7 @@ def qa_run(config: FinetuneConfig, backbone: nn.Module, tokenizer: Tokenizer) ->
     data = config.data
     train_examples = read_qa(data.path)
     val_examples = read_qa(data.val_path) if data.val_path else None
-    train_examples, val_examples = _held_out(config, train_examples, val_examples)
+    train_examples, val_examples = held_out(config, train_examples, val_examples)
     block = backbone.config.block_size
     stride = block // 4 if data.stride is None else data.stride
     if stride >= block // 2:
@@ -322,7 +292,7 @@ class QAEvaluator:
     def __init__(self, examples: list[Any], tokenizer: Tokenizer, block: int, stride: int, count: int | None,
                  final_count: int | None):
         self.tokenizer, self.block, self.stride = tokenizer, block, stride
-        self.during, self.final = _spread(examples, count), _spread(examples, final_count)
+        self.during, self.final = spread(examples, count), spread(examples, final_count)
         self.metrics = ("loss", "exact_match", "f1")
 
     def __call__(self, model: nn.Module, final: bool) -> dict[str, float]:
@@ -336,7 +306,8 @@ class QAEvaluator:
 # ------------------------------------------------------------------------------------------
 # The recipe
 # ------------------------------------------------------------------------------------------
-RUNS = {"classification": classification_run, "qa": qa_run, "seq2seq": seq2seq_run}
+RUNS = {"classification": classification_run, "qa": qa_run, "seq2seq": seq2seq_run,
+        **{task: partial(media_run, task=task) for task in MEDIA_TASKS}}
 
 
 def _bpe_dropout_rows(config: FinetuneConfig, run: TaskRun, tokenizer: Tokenizer, path: Path,

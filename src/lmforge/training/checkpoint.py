@@ -157,9 +157,19 @@ def with_task_head(backbone: nn.Module, task: Any, path: Path | str = "") -> nn.
         from lmforge.models.heads import SequenceClassifier
 
         return SequenceClassifier(backbone, 1, pooling=task.get("pooling", "last"), dropout=0.0)
+    if kind == "media":
+        from lmforge.config import MediaConfig
+        from lmforge.models.multimodal.fusion import MediaLM
+
+        try:
+            media = MediaConfig(**task["media"])
+            media.validate()
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: the media task record is incomplete or unknown ({exc})") from None
+        return MediaLM(backbone, media)
     if kind not in (None, "seq2seq"):
         raise CheckpointError(f"{path}: unknown task {kind!r} (this lmforge knows classification, qa, reward, "
-                              f"seq2seq)")
+                              f"seq2seq, media)")
     return backbone
 
 

@@ -228,3 +228,14 @@ def span_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     start_logits, end_logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
     return (F.cross_entropy(start_logits.float(), batch["start_positions"])
             + F.cross_entropy(end_logits.float(), batch["end_positions"])) / 2
+
+
+def media_loss(model: nn.Module, batch: dict[str, Tensor], label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy of the target tokens of a multimodal batch
+    (:func:`lmforge.data.media_rows.collate_media`): ``media`` (B, ...), ``input_ids`` (B, T) and
+    ``labels`` (B, T) (``IGNORE_INDEX`` off the target), plus ``attention_mask`` and
+    ``decoder_input_ids`` for cross fusion."""
+    logits = model(batch["input_ids"], media=batch["media"], attention_mask=batch.get("attention_mask"),
+                   decoder_input_ids=batch.get("decoder_input_ids")).float()  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                           label_smoothing=label_smoothing)

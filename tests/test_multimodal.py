@@ -192,3 +192,18 @@ def test_a_text_model_asked_to_caption_names_what_it_is(tmp_path):
     lm = LanguageModel.load(save_checkpoint(tmp_path / "lm", model, tok, None, {"step": 0}), device="cpu")
     with pytest.raises(RequestError, match="cannot caption"):
         lm.caption(np.zeros((16, 16, 3), dtype=np.uint8))
+
+
+def test_the_cli_captions_files_and_refuses_the_wrong_modality(caption_run, capsys):
+    from lmforge.cli import main
+
+    result, _, root = caption_run
+    files = [str(root / "val" / f"{i}.png") for i in range(3)]
+    assert main(["caption", str(result.final_checkpoint), *files]) == 0
+    assert capsys.readouterr().out.splitlines() == ["a red photo", "a green photo", "a blue photo"]
+    assert main(["caption", str(result.final_checkpoint), files[2], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"file": files[2], "text": "a blue photo"}
+    assert main(["transcribe", str(result.final_checkpoint), files[0]]) == 2
+    assert "reads image, not audio" in capsys.readouterr().err
+    assert main(["caption", str(result.final_checkpoint), str(root / "missing.png")]) == 2
+    assert "no such file" in capsys.readouterr().err

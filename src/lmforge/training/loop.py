@@ -82,6 +82,8 @@ def setup_runtime(config: TrainConfig) -> Runtime:
     return Runtime(device, select_dtype(config.dtype, device), context)
 
 
+LOWER_IS_BETTER = ("wer", "cer")  # validation metrics where checkpoints/best is the lowest
+
 @dataclass
 class TrainResult:
     step: int
@@ -285,14 +287,15 @@ class _Trainer:
         barrier(self.context)
 
     def _selection_score(self, metrics: dict[str, float]) -> float:
-        """What checkpoints/best minimises: the validation loss, or minus ``train.best_metric``."""
+        """What checkpoints/best minimises: the validation loss, ``train.best_metric`` where lower is
+        better (error rates), or minus it."""
         name = self.config.best_metric
         if name in ("loss", "ppl"):  # perplexity rises and falls with the loss
             return metrics.get("val_loss", math.inf)
         if f"val_{name}" not in metrics:
             reported = ", ".join(k.removeprefix("val_") for k in metrics if k.startswith("val_"))
             raise ConfigError(f"train.best_metric {name!r} is not among this task's validation metrics: {reported}")
-        return -metrics[f"val_{name}"]
+        return metrics[f"val_{name}"] if name in LOWER_IS_BETTER else -metrics[f"val_{name}"]
 
     def _train_state(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "best_val_loss": self.best_val,
